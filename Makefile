@@ -1,0 +1,33 @@
+# Two set-up commands: `make demo` and `make test`. Both create the virtual environment on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all lint venv clean reproduce
+
+venv: $(STAMP)
+
+# CPU torch first (a local wheel; an unpinned torch would pull a multi-GB CUDA build), then the package.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/sana-sprint generate "a red circle to the left of a blue square" --steps 1 --num 4 --out demo.png
+	@echo "wrote demo.png"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m ""
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks scripts
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info
