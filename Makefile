@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint venv clean reproduce
+.PHONY: demo test test-all lint venv clean reproduce browser-deps
 
 venv: $(STAMP)
 
@@ -20,7 +20,13 @@ demo: $(STAMP)
 	$(BIN)/sana-sprint generate "a red circle to the left of a blue square" --steps 1 --num 4 --out demo.png
 	@echo "wrote demo.png"
 
-test: $(STAMP)
+# The browser end-to-end test needs Debian's chromium + chromedriver; without them it is skipped.
+browser-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 || \
+	    echo "warning: could not install chromium; the browser test will be skipped"; }
+
+test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest
 
 test-all: $(STAMP)

