@@ -36,6 +36,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sana_sprint.training.cli",
     "sana_sprint.serve.app",
     "sana_sprint.data.prepare",
+    "sana_sprint.benchmarks",
+    "sana_sprint.evaluation.run",
 )
 
 
@@ -263,4 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the imported module so commands registered by COMMAND_MODULES land in one registry.
+    from sana_sprint.cli import main as _main
+
+    sys.exit(_main())
