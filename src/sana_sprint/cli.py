@@ -128,7 +128,13 @@ def pick_device(name: str | None = None):
     import torch
 
     if name:
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError as e:
+            raise UserError(f"unknown device {name!r} (use cpu, cuda or cuda:N)") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device {name!r} requested but CUDA is not available")
+        return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

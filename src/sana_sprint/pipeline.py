@@ -31,6 +31,7 @@ SPRINT_CONFIG = "sprint_config.json"
 MODEL_INDEX = "model_index.json"
 LOCAL_TEXT_ENCODER = "local"  # sprint_config "text_encoder" value: text_encoder/ + tokenizer/ in the folder
 TEACHER_DEFAULT_STEPS = 20
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "kind": "student",
@@ -87,6 +88,22 @@ def check_folder(folder: str | Path) -> dict[str, Any]:
             if not (folder / name).exists():
                 raise ModelFolderError(f"incomplete model folder {folder}: missing {name}")
     return {**DEFAULT_CONFIG, **config}
+
+
+def _load_component(model_cls, sub: Path):
+    """``model_cls.from_pretrained(sub)``; a corrupt or mismatched config/weights file -> ModelFolderError naming it."""
+    try:
+        model, info = model_cls.from_pretrained(sub, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        files = f"{sub / 'config.json'} or {_weights_file(sub)}"
+        raise ModelFolderError(f"cannot load {files}: {first}") from None
+    missing = info.get("missing_keys") or []
+    if missing:  # diffusers would silently leave them randomly initialised
+        raise ModelFolderError(
+            f"{_weights_file(sub)} lacks {len(missing)} weights that {sub / 'config.json'} needs, e.g. {sorted(missing)[0]}"
+        )
+    return model
 
 
 class SprintPipeline:
@@ -155,15 +172,18 @@ class SprintPipeline:
     ) -> SprintPipeline:
         folder = Path(folder)
         config = check_folder(folder)
-        transformer = SanaTransformer2DModel.from_pretrained(folder / "transformer")
-        vae = AutoencoderDC.from_pretrained(folder / "vae")
+        transformer = _load_component(SanaTransformer2DModel, folder / "transformer")
+        vae = _load_component(AutoencoderDC, folder / "vae")
         max_length = int(config["max_sequence_length"])
         if text_encoder is None:
             spec = config.get("text_encoder", LOCAL_TEXT_ENCODER)
             text_encoder = load_text_encoder(folder if spec not in PACKAGE_ENCODERS else spec, max_length)
         elif isinstance(text_encoder, str | Path):
             text_encoder = load_text_encoder(text_encoder, max_length)
-        pipe = cls(text_encoder, transformer, vae, config)
+        try:
+            pipe = cls(text_encoder, transformer, vae, config)
+        except ValueError as e:  # e.g. a teacher transformer in a folder labelled kind "student"
+            raise ModelFolderError(f"{folder / SPRINT_CONFIG}: {e}") from None
         return pipe.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else pipe
 
     def save_pretrained(self, folder: str | Path) -> None:
@@ -237,6 +257,8 @@ class SprintPipeline:
             return gens
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        if not SEED_RANGE[0] <= int(seed) <= SEED_RANGE[1] - (n - 1):
+            raise UserError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1] - (n - 1)}] for {n} images, got {seed}")
         # Image i uses seed + i, whatever the batch: the same seed reproduces each image alone.
         return [torch.Generator().manual_seed(int(seed) + i) for i in range(n)]
 

@@ -1,0 +1,381 @@
+"""``sana-sprint bench``: our pipeline vs diffusers on the same weights, split into components.
+
+For each step count (and the teacher at 20 steps when ``--teacher`` is given) and each batch size
+(1 = latency, 10 = throughput) it times, in one process, median over ``--repeats`` runs after
+``--warmup`` runs:
+
+- **ours**: :class:`~sana_sprint.fast.FastSprintPipeline` (fast paths from ``--bf16``, ``--compile``...);
+  the text encoder's prompt cache is cleared before every run, so text encoding is timed like
+  diffusers' (``ours_cached_text_ms`` is the time without it: a repeated prompt);
+- **diffusers**: ``SanaSprintPipeline`` (teacher: ``SanaPipeline`` + flow-match Euler, same shift) loaded
+  from the same folder, with our text encoder and tokenizer passed in, ``max_sequence_length`` equal
+  to ours, no prompt prefix (``complex_human_instruction=None``), ``use_resolution_binning=False``, and its
+  fastest fair settings: its own modules, fp32 on CPU (bf16 convolutions are ~30x slower on AVX2),
+  bf16 on CUDA, compiled when ours is.
+
+Both sample the same schedule (2 steps: [1.5708, 1.3, 0], otherwise linspace(1.5708, 0, N+1), the
+diffusers defaults) with the same per-image generators, and the row records the largest pixel
+difference between the two outputs. Components: text encoding, transformer (all forward calls), VAE
+decode, other (sampler arithmetic, noise, image conversion). Writes ``--out`` JSON and a markdown
+table next to it (same name, ``.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .cli import DEFAULT_MODEL, command, model_search_dirs, pick_device, quiet_libraries, resolve_model
+from .errors import UserError
+
+TEACHER_STEPS = 20
+GUIDANCE = 4.5
+SPRINT_MAX_T = 1.5708  # diffusers SanaSprintPipeline max_timesteps
+SPRINT_MID_T = 1.3  # diffusers' default intermediate timestep for 2 steps
+PROMPTS = [
+    "a red circle to the left of a blue square",
+    "two yellow triangles",
+    "a green square above a purple circle",
+    "three orange circles",
+    "a blue triangle below a red square",
+    "one purple square",
+    "a yellow circle to the right of a green triangle",
+    "four red squares",
+    "an orange triangle above a blue circle",
+    "a green circle and a yellow square",
+]
+COMPONENTS = ("text_ms", "transformer_ms", "vae_ms", "other_ms")
+
+
+def sprint_schedule(steps: int) -> list[float]:
+    """The TrigFlow times diffusers' SanaSprintPipeline uses by default for ``steps`` steps."""
+    if steps == 2:
+        return [SPRINT_MAX_T, SPRINT_MID_T, 0.0]
+    return [SPRINT_MAX_T * (1 - i / steps) for i in range(steps)] + [0.0]
+
+
+# --- timing ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Clock:
+    """Accumulates wall time per component; synchronises CUDA so the split is real."""
+
+    device: Any
+    times: dict[str, float] = field(default_factory=dict)
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            start = self.now()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.times[name] = self.times.get(name, 0.0) + (self.now() - start) * 1000
+
+        return timed
+
+
+@contextlib.contextmanager
+def _instrument(clock: _Clock, text_owner, text_attr: str, transformer, vae) -> Iterator[None]:
+    """Time ``text_owner.<text_attr>``, every forward of ``transformer`` and ``vae.decode``."""
+    import torch
+
+    starts: list[float] = []
+
+    @torch.compiler.disable
+    def pre(module, args):
+        starts.append(clock.now())
+
+    @torch.compiler.disable
+    def post(module, args, out):
+        clock.times["transformer_ms"] = clock.times.get("transformer_ms", 0.0) + (clock.now() - starts.pop()) * 1000
+
+    handles = [transformer.register_forward_pre_hook(pre), transformer.register_forward_hook(post)]
+    setattr(text_owner, text_attr, clock.wrap("text_ms", getattr(text_owner, text_attr)))
+    vae.decode = clock.wrap("vae_ms", vae.decode)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        delattr(text_owner, text_attr)
+        del vae.decode
+
+
+def _median_runs(run: Callable[[], Any], clock: _Clock, repeats: int, warmup: int, before: Callable = lambda: None):
+    """(median component times incl. total_ms, output of the last run)."""
+    out = None
+    for _ in range(warmup):
+        before()
+        out = run()
+    samples: list[dict[str, float]] = []
+    for _ in range(repeats):
+        before()
+        clock.times = {}
+        start = clock.now()
+        out = run()
+        total = (clock.now() - start) * 1000
+        t = {k: clock.times.get(k, 0.0) for k in COMPONENTS[:3]}
+        t["other_ms"] = max(0.0, total - sum(t.values()))
+        t["total_ms"] = total
+        samples.append(t)
+    med = {k: round(statistics.median(s[k] for s in samples), 3) for k in (*COMPONENTS, "total_ms")}
+    return med, out
+
+
+# --- the two pipelines ------------------------------------------------------------------------------
+
+
+def load_diffusers(folder: Path, ours, device, dtype):
+    """diffusers' pipeline for a Sprint folder (student) or ``SanaPipeline`` (teacher), our text encoder."""
+    import diffusers
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
+
+    text = ours.text_encoder
+    if ours.kind == "student":
+        pipe = diffusers.SanaSprintPipeline.from_pretrained(folder, text_encoder=text.model, tokenizer=text.tokenizer)
+    else:
+        pipe = diffusers.SanaPipeline(
+            tokenizer=text.tokenizer,
+            text_encoder=text.model,
+            vae=AutoencoderDC.from_pretrained(folder / "vae"),
+            transformer=SanaTransformer2DModel.from_pretrained(folder / "transformer"),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=float(ours.config["flow_shift"])),
+        )
+    pipe.transformer.to(device, dtype)
+    pipe.vae.to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generators(n: int, device):
+    import torch
+
+    return [torch.Generator(device="cpu").manual_seed(i) for i in range(n)]
+
+
+def _max_pixel_diff(a, b) -> float:
+    import numpy as np
+
+    return max(float(np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).max()) for x, y in zip(a, b)) / 255
+
+
+def bench_case(ours, theirs, *, steps: int, batch: int, repeats: int, warmup: int, device, plain=None) -> dict:
+    """One row: ours (+ optional plain SprintPipeline) vs diffusers at ``steps`` steps and ``batch`` images."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    size = int(ours.config["resolution"])
+    teacher = ours.kind == "teacher"
+    ours_kw: dict[str, Any] = dict(steps=steps, guidance_scale=GUIDANCE, height=size, width=size, output_type="pil")
+    theirs_kw: dict[str, Any] = dict(
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE,
+        height=size,
+        width=size,
+        output_type="pil",
+        use_resolution_binning=False,
+        max_sequence_length=ours.text_encoder.max_length,
+        complex_human_instruction=None,
+    )
+    if not teacher:
+        ours_kw["timesteps"] = sprint_schedule(steps)
+        if steps != 2:
+            theirs_kw["intermediate_timesteps"] = None  # diffusers refuses other step counts otherwise
+
+    clock = _Clock(device)
+    row: dict[str, Any] = {"name": f"teacher-{steps}step" if teacher else f"sprint-{steps}step", "steps": steps, "batch": batch}
+    with _instrument(clock, ours.text_encoder, "encode", ours.transformer, ours.vae):
+        mine, mine_out = _median_runs(
+            lambda: ours(prompts, generator=_generators(batch, device), **ours_kw).images,
+            clock, repeats, warmup, before=ours.text_encoder.clear_cache,
+        )
+    with _instrument(clock, theirs, "encode_prompt", theirs.transformer, theirs.vae):
+        ref, ref_out = _median_runs(
+            lambda: theirs(prompts, generator=_generators(batch, device), **theirs_kw).images, clock, repeats, warmup
+        )
+    row.update(
+        ours_ms=mine["total_ms"],
+        diffusers_ms=ref["total_ms"],
+        ratio=round(mine["total_ms"] / ref["total_ms"], 4),
+        ours_cached_text_ms=round(mine["total_ms"] - mine["text_ms"], 3),
+        ours_img_s=round(batch * 1000 / mine["total_ms"], 3),
+        diffusers_img_s=round(batch * 1000 / ref["total_ms"], 3),
+        ours=mine,
+        diffusers=ref,
+    )
+    # Same weights, schedule and generators: the outputs agree (students; the diffusers teacher feeds
+    # the transformer 1000 t where ours feeds t, so only its cost is comparable).
+    row["max_pixel_diff"] = None if teacher else round(_max_pixel_diff(mine_out, ref_out), 5)
+    if plain is not None:
+        with _instrument(clock, plain.text_encoder, "encode", plain.transformer, plain.vae):
+            base, _ = _median_runs(
+                lambda: plain(prompts, generator=_generators(batch, device), **ours_kw).images,
+                clock, repeats, warmup, before=plain.text_encoder.clear_cache,
+            )
+        row["ours_plain_ms"] = base["total_ms"]
+    return row
+
+
+def run_bench(
+    model: Path,
+    teacher: Path | None = None,
+    steps_list: tuple[int, ...] = (1, 2, 4),
+    batches: tuple[int, ...] = (1, 10),
+    repeats: int = 5,
+    warmup: int = 2,
+    device=None,
+    fast_options: dict | None = None,
+    compare_plain: bool = False,
+    log=print,
+) -> dict:
+    """All rows for a student folder (and optionally a teacher folder); see the module docstring."""
+    import diffusers
+    import torch
+
+    from . import fast
+    from .pipeline import SprintPipeline, check_folder
+
+    device = torch.device(device) if device is not None else pick_device()
+    fast_options = dict(fast_options or {})
+    rows = []
+    settings: dict[str, Any] = {}
+    for folder, cases in ((model, [(s, b) for s in steps_list for b in batches]),
+                          (teacher, [(TEACHER_STEPS, b) for b in batches])):
+        if folder is None:
+            continue
+        kind = check_folder(folder)["kind"]
+        if kind != ("student" if folder == model else "teacher"):
+            flag = "--model" if folder == model else "--teacher"
+            raise UserError(f"{flag} {folder}: sprint_config kind is {kind!r}; --model takes a student, --teacher a teacher")
+        ours = fast.optimize_pipeline(SprintPipeline.from_pretrained(folder, device=device), **fast_options)
+        # Fastest fair settings for diffusers: bf16 where it pays (CUDA), compiled when ours is.
+        dtype = torch.bfloat16 if ours.fast.bf16 == "all" else torch.float32
+        theirs = load_diffusers(folder, ours, device, dtype)
+        if ours.fast.compile:
+            theirs.transformer.compile(mode="reduce-overhead" if ours.fast.cuda_graphs else None, dynamic=False)
+        plain = SprintPipeline.from_pretrained(folder, device=device) if compare_plain else None
+        settings[ours.kind] = {"folder": str(folder), "ours": fast.describe(ours), "diffusers_dtype": str(dtype)}
+        for steps, batch in cases:
+            row = bench_case(ours, theirs, steps=steps, batch=batch, repeats=repeats, warmup=warmup, device=device, plain=plain)
+            log(f"{row['name']:>16} b={batch:<3} ours {row['ours_ms']:9.2f} ms  diffusers {row['diffusers_ms']:9.2f} ms  "
+                f"ratio {row['ratio']:.3f}")
+            rows.append(row)
+    return {
+        "rows": rows,
+        "settings": {
+            **settings,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "repeats": repeats,
+            "warmup": warmup,
+            "guidance": GUIDANCE,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+        },
+    }
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [
+        f"Median of {s['repeats']} runs after {s['warmup']} warm-up, device {s['device']}, {s['threads']} threads, "
+        f"torch {s['torch']}, diffusers {s['diffusers']}. ratio = ours / diffusers (< 1: ours faster).",
+        "",
+        "| name | steps | batch | ours ms | diffusers ms | ratio | ours img/s | diffusers img/s "
+        "| ours text / transformer / VAE / other ms | diffusers text / transformer / VAE / other ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        split = lambda d: " / ".join(f"{d[k]:.1f}" for k in COMPONENTS)  # noqa: E731
+        lines.append(
+            f"| {r['name']} | {r['steps']} | {r['batch']} | {r['ours_ms']:.1f} | {r['diffusers_ms']:.1f} | {r['ratio']:.3f} "
+            f"| {r['ours_img_s']:.2f} | {r['diffusers_img_s']:.2f} | {split(r['ours'])} | {split(r['diffusers'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _int_list(text: str, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--{name} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise UserError(f"--{name} must be integers >= 1, got {text!r}")
+    return values
+
+
+@command("bench", help="latency/throughput of our pipeline vs diffusers' SanaSprintPipeline on the same weights")
+def bench_command(p: argparse.ArgumentParser):
+    p.add_argument("--model", default=DEFAULT_MODEL, help="student model folder or name in models/ (default: %(default)s)")
+    p.add_argument("--teacher", default=None, help="teacher folder: adds rows at 20 steps")
+    p.add_argument("--steps-list", default="1,2,4", help="student step counts (default: %(default)s)")
+    p.add_argument("--batches", default="1,10", help="batch sizes: 1 = latency, 10 = throughput (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--bf16", default="auto", choices=("auto", "off", "linear", "all"), help="see sana_sprint.fast")
+    p.add_argument("--compile", action="store_true", help="torch.compile ours (and diffusers' transformer)")
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--no-inference-mode", action="store_true")
+    p.add_argument("--compare-plain", action="store_true", help="also time a plain SprintPipeline (no fast paths)")
+    p.add_argument("--out", required=True, help="JSON file; a markdown table is written next to it (.md)")
+
+    def run(args: argparse.Namespace) -> int:
+        steps_list = _int_list(args.steps_list, "steps-list")
+        batches = _int_list(args.batches, "batches")
+        if args.repeats < 1 or args.warmup < 0:
+            raise UserError("--repeats must be >= 1 and --warmup >= 0")
+        if args.threads is not None and args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        out = Path(args.out)
+        if out.suffix.lower() != ".json":
+            raise UserError(f"--out must be a .json file, got {out}")
+        folders = []
+        for flag, spec in (("--model", args.model), ("--teacher", args.teacher)):
+            folder = None if spec is None else resolve_model(spec)
+            if spec is not None and folder is None:
+                raise UserError(f"{flag} folder not found: {spec} (looked in {', '.join(map(str, model_search_dirs()))})")
+            folders.append(folder)
+        quiet_libraries()
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        from .fast import FastOptions
+
+        device = pick_device(args.device)
+        options = dict(
+            bf16=args.bf16, compile=args.compile, channels_last=not args.no_channels_last,
+            inference_mode=not args.no_inference_mode,
+        )
+        try:
+            FastOptions(**options).resolved(device)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        result = run_bench(
+            folders[0], folders[1], steps_list, batches, args.repeats, args.warmup, device, options,
+            compare_plain=args.compare_plain, log=lambda m: print(m, file=sys.stderr),
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        out.with_suffix(".md").write_text(markdown(result))
+        print(markdown(result))
+        print(f"wrote {out} and {out.with_suffix('.md')}")
+        return 0
+
+    return run

@@ -1,0 +1,98 @@
+"""``sana-sprint bench`` on tiny saved student/teacher folders: JSON + markdown, outputs equal diffusers'."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import IMAGE_SIZE, MAX_LENGTH, tiny_transformer, tiny_vae
+
+from sana_sprint import benchmarks, cli
+from sana_sprint.pipeline import SprintPipeline
+from sana_sprint.text import TextEncoder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tokenizer, bert):
+    root = tmp_path_factory.mktemp("bench")
+    for kind, guidance in (("student", True), ("teacher", False)):
+        SprintPipeline(
+            TextEncoder(tokenizer, bert, max_length=MAX_LENGTH),
+            tiny_transformer(guidance_embeds=guidance, seed=1),
+            tiny_vae(seed=2),
+            {"kind": kind, "resolution": IMAGE_SIZE},
+        ).save_pretrained(root / kind)
+    return root / "student", root / "teacher"
+
+
+def test_schedule_matches_diffusers_defaults():
+    assert benchmarks.sprint_schedule(2) == [1.5708, 1.3, 0.0]
+    assert benchmarks.sprint_schedule(1) == [1.5708, 0.0]
+    ts = benchmarks.sprint_schedule(4)
+    assert len(ts) == 5 and ts[0] == 1.5708 and ts[-1] == 0 and abs(ts[2] - 1.5708 / 2) < 1e-12
+
+
+def test_bench_cli_writes_rows_and_table(folders, tmp_path, capsys):
+    student, teacher = folders
+    out = tmp_path / "bench.json"
+    code = cli.main(
+        ["bench", "--model", str(student), "--steps-list", "1,2,4", "--batches", "1,2",
+         "--repeats", "1", "--warmup", "0", "--bf16", "off", "--compare-plain", "--out", str(out)]
+    )
+    assert code == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["name"], r["steps"], r["batch"]) for r in rows] == [
+        ("sprint-1step", 1, 1), ("sprint-1step", 1, 2), ("sprint-2step", 2, 1), ("sprint-2step", 2, 2),
+        ("sprint-4step", 4, 1), ("sprint-4step", 4, 2),
+    ]
+    for r in rows:
+        assert r["ours_ms"] > 0 and r["diffusers_ms"] > 0 and r["ours_plain_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["ours_ms"] / r["diffusers_ms"], rel=1e-3)
+        for side in ("ours", "diffusers"):
+            parts = r[side]
+            assert all(parts[k] >= 0 for k in benchmarks.COMPONENTS)
+            assert parts["transformer_ms"] > 0 and parts["vae_ms"] > 0 and parts["text_ms"] > 0
+        if r["name"].startswith("sprint"):  # always here; teacher rows have None
+            # Same weights, schedule and generators as diffusers: the same images (uint8 rounding).
+            assert r["max_pixel_diff"] <= 1 / 255
+    assert result["settings"]["student"]["ours"]["inference_mode"] is True
+    table = out.with_suffix(".md").read_text()
+    assert table.count("\n| sprint-") == 6 and "| sprint-4step | 4 | 2 |" in table
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_transformer_calls_are_counted(folders):
+    """The component split sees every forward: 20 teacher steps with CFG cost more than 1 student step."""
+    student, teacher = folders
+    result = benchmarks.run_bench(student, teacher, steps_list=(1,), batches=(1,), repeats=1, warmup=0,
+                                  device="cpu", fast_options={"bf16": "off"}, log=lambda m: None)
+    one, twenty = result["rows"]
+    assert twenty["name"] == "teacher-20step" and twenty["max_pixel_diff"] is None
+    assert twenty["ours"]["transformer_ms"] > 3 * one["ours"]["transformer_ms"]
+    assert twenty["diffusers"]["transformer_ms"] > 3 * one["diffusers"]["transformer_ms"]
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--steps-list", "0"], "steps-list"),
+        (["--steps-list", "a"], "steps-list"),
+        (["--batches", ""], "batches"),
+        (["--repeats", "0"], "repeats"),
+        (["--out", "x.txt"], ".json"),
+        (["--model", "/nonexistent/folder"], "not found"),
+    ],
+)
+def test_bench_argument_errors(capsys, tmp_path, folders, args, match):
+    base = ["bench", "--model", str(folders[0]), "--out", str(tmp_path / "b.json")]
+    code = cli.main(base + args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and match in err[0]
+
+
+def test_bench_refuses_swapped_kinds(capsys, tmp_path, folders):
+    student, teacher = folders
+    code = cli.main(["bench", "--model", str(teacher), "--out", str(tmp_path / "b.json")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "kind is 'teacher'" in err
