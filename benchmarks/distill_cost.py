@@ -1,0 +1,185 @@
+"""Cost of one distillation generator / discriminator step, in teacher-forward equivalents, and its memory.
+
+    python benchmarks/distill_cost.py [--preset shapes|tiny] [--batch 8] [--repeats 5] [--no-bf16]
+                                      [--device cpu|cuda] [--json benchmarks/distill_cost.json]
+
+Time: median wall time of ``--repeats`` calls after ``--warmup`` calls, each phase exactly as
+``DistillMethod`` runs it (bf16 autocast over fp32 weights, backward, clipping, AdamW step). The unit
+is one teacher forward (no grad) at the same batch size; the SANA-Sprint target for a hybrid G step
+is <= 12 of them (teacher CFG pass = 2, JVP ~ 2-3, student forward+backward ~ 3 twice for sCM and
+LADD, teacher forward+backward to its input ~ 2-3).
+
+Memory: every phase runs in its own fresh process (spawn), so peaks do not leak between phases.
+On CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation after model construction. On CPU:
+peak RSS of the process (``getrusage().ru_maxrss``) minus the RSS measured after model construction
+and before the first step (``/proc/self/statm``); this counts activations, gradients and optimiser
+state created by the step (tracemalloc cannot see torch's C allocations). The baseline is one
+flow-matching *teacher training* step (forward + backward + AdamW) at the same batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+PHASES = ("teacher_forward", "teacher_train_step", "g_step_scm", "g_step_ladd", "g_step_both", "d_step")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _teacher_config(preset: str) -> dict:
+    from sana_sprint.models import presets
+
+    if preset == "tiny":
+        return presets.tiny(latent_channels=4, caption_channels=32, sample_size=8, guidance_embeds=False)
+    from sana_sprint.training.config import SHAPES_TEACHER_OVERRIDES
+
+    return {**presets.shapes_teacher(latent_channels=16), **SHAPES_TEACHER_OVERRIDES}
+
+
+def _phase(phase: str, args: dict, queue) -> None:
+    """Build everything, then time ``phase`` and measure its memory; put a result dict on ``queue``."""
+    from diffusers import SanaTransformer2DModel
+
+    from sana_sprint.losses.flow_matching import flow_matching_loss
+    from sana_sprint.models.wrapper import TrigFlowTransformer
+    from sana_sprint.training.distill import DistillConfig, DistillMethod
+    from sana_sprint.training.trainer import Stepper
+
+    torch.manual_seed(0)
+    if args["threads"]:
+        torch.set_num_threads(args["threads"])
+    device = torch.device(args["device"])
+    cuda = device.type == "cuda"
+    cfg_t = _teacher_config(args["preset"])
+    teacher = SanaTransformer2DModel(**cfg_t).to(device)
+    b, L = args["batch"], args["max_length"]
+    c, hw, d = cfg_t["in_channels"], cfg_t["sample_size"], cfg_t["caption_channels"]
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(b, c, hw, hw, generator=g).to(device)
+    embeds = torch.randn(b, L, d, generator=g).to(device)
+    mask = torch.ones(b, L, dtype=torch.long, device=device)
+    null = (torch.randn(1, L, d, generator=g).to(device), torch.ones(1, L, dtype=torch.long, device=device))
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args["bf16"])  # noqa: E731
+
+    if phase.startswith("teacher"):
+        net = TrigFlowTransformer(teacher)
+        if phase == "teacher_forward":
+            net.eval().requires_grad_(False)
+            s = torch.full((b,), 1.0, device=device)
+
+            def fn():
+                with torch.no_grad(), autocast():
+                    net(latents * 0.5 / 0.5, s, embeds, mask)
+        else:
+            opt = torch.optim.AdamW(teacher.parameters(), lr=1e-4)
+            stepper = Stepper({"t": opt}, {}, 1.0, device.type)
+
+            def fn():
+                with autocast():
+                    loss, _ = flow_matching_loss(lambda x, t, e, m: net.flow_velocity(x, t, e, m), latents, embeds,
+                                                 mask, *null, generator=g)
+                    stepper.step(loss.mean(), "t")
+    else:
+        loss = {"g_step_scm": "scm", "g_step_ladd": "ladd"}.get(phase, "both")
+        cfg = DistillConfig(out="unused", loss=loss, bf16=args["bf16"], batch=b, tangent_warmup=0)
+        method = DistillMethod(cfg, teacher, scaling_factor=1.0, latent_shape=(c, hw, hw), null=null, device=device)
+        stepper = Stepper(method.optimizers(), {}, cfg.grad_clip, device.type)
+        x0 = latents * 0.5
+        counter = [0]
+
+        def fn():
+            with autocast():
+                if phase == "d_step":
+                    method.discriminator_step(x0, embeds, mask, stepper)
+                else:
+                    method.generator_step(x0, embeds, mask, counter[0], stepper)
+            counter[0] += 1
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    base_rss = _rss_mb()
+    times = []
+    for i in range(args["warmup"] + args["repeats"]):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= args["warmup"]:
+            times.append(time.perf_counter() - t0)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20 - base
+    else:
+        peak = _peak_rss_mb() - base_rss
+    queue.put({"phase": phase, "ms": 1000 * statistics.median(times), "ms_all": [1000 * t for t in times],
+               "mem_mb": peak, "base_mb": base if cuda else base_rss})
+
+
+def measure(args: dict) -> dict:
+    ctx = mp.get_context("spawn")
+    results = {}
+    for phase in PHASES:
+        q = ctx.Queue()
+        p = ctx.Process(target=_phase, args=(phase, args, q))
+        p.start()
+        results[phase] = q.get()
+        p.join()
+    fwd = results["teacher_forward"]["ms"]
+    mem_t = max(results["teacher_train_step"]["mem_mb"], 1e-9)
+    for r in results.values():
+        r["teacher_forwards"] = r["ms"] / fwd
+        r["mem_vs_teacher_train"] = r["mem_mb"] / mem_t
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=["shapes", "tiny"], default="shapes")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per phase (0 = torch default)")
+    ap.add_argument("--json", default="benchmarks/distill_cost.json")
+    a = ap.parse_args(argv)
+    args = {"preset": a.preset, "batch": a.batch, "max_length": a.max_length, "repeats": a.repeats,
+            "warmup": a.warmup, "bf16": a.bf16, "device": a.device, "threads": a.threads}
+    results = measure(args)
+    mem_kind = "CUDA max_memory_allocated" if a.device.startswith("cuda") else "peak RSS delta"
+    print(f"preset={a.preset} batch={a.batch} bf16={a.bf16} device={a.device} memory={mem_kind}")
+    print(f"{'phase':<20}{'ms':>10}{'teacher fwds':>14}{'mem MB':>10}{'x teacher train':>17}")
+    for name, r in results.items():
+        print(f"{name:<20}{r['ms']:>10.1f}{r['teacher_forwards']:>14.2f}{r['mem_mb']:>10.1f}{r['mem_vs_teacher_train']:>17.2f}")
+    both = results["g_step_both"]["teacher_forwards"]
+    print(f"hybrid G step = {both:.1f} teacher forwards (target <= 12): {'OK' if both <= 12 else 'OVER'}")
+    out = Path(a.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"config": args, "memory_method": mem_kind, "results": results}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

