@@ -1,0 +1,1 @@
+"""Training: the generic loop (trainer.py), checkpoints, EMA, configs, and one module per method."""

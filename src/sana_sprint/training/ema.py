@@ -1,0 +1,43 @@
+"""Exponential moving average of a module's weights (Polyak averaging), kept in fp32."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    """``shadow <- decay * shadow + (1 - decay) * param`` after every successful optimiser step.
+
+    The shadow is a frozen deep copy of the module (so it can be sampled from or exported as is);
+    being an ``nn.Module``, it is checkpointed like any other state module. Buffers are copied, not
+    averaged. ``decay`` is fixed: with a constant parameter p and start s0, after n updates the shadow
+    is ``decay^n s0 + (1 - decay^n) p`` (tests check this closed form).
+    """
+
+    def __init__(self, module: nn.Module, decay: float = 0.999):
+        super().__init__()
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.decay = float(decay)
+        self.shadow = copy.deepcopy(module).requires_grad_(False).eval()
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        src = dict(module.named_parameters())
+        ema_p, cur_p = [], []
+        for name, p in self.shadow.named_parameters():
+            ema_p.append(p)
+            cur_p.append(src[name].detach().to(p.dtype))
+        # lerp: s + (1 - decay) (p - s) == decay s + (1 - decay) p
+        torch._foreach_lerp_(ema_p, cur_p, 1.0 - self.decay)
+        src_b = dict(module.named_buffers())
+        for name, b in self.shadow.named_buffers():
+            b.copy_(src_b[name])
+        self.num_updates += 1
+
+    def forward(self, *args, **kwargs):
+        return self.shadow(*args, **kwargs)

@@ -1,0 +1,262 @@
+"""Teacher training method: a dense-time, QK-normed SANA transformer trained by flow matching.
+
+``TeacherMethod`` plugs into :class:`~sana_sprint.training.trainer.Trainer`; ``add_args`` / ``run``
+implement ``sana-sprint train-teacher``. The transformer is fed continuous t in [0, 1]
+(``timestep_scale`` 1.0) through :meth:`TrigFlowTransformer.flow_velocity`, trains in fp32 under bf16
+autocast, and is exported from its EMA weights as a teacher pipeline folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import SanaTransformer2DModel
+
+from ..data.latents import LatentDataset, build_latent_cache, is_latent_cache
+from ..losses.flow_matching import flow_matching_loss
+from ..models import presets
+from ..models.wrapper import TrigFlowTransformer
+from ..sampling import cfg_batched, flow_euler, randn
+from ..timesteps import flow_schedule
+from .config import TeacherConfig
+from .ema import EMA
+from .trainer import Method, Stepper, Trainer, resolve_device, seed_everything
+
+logger = logging.getLogger(__name__)
+
+GRID_COLUMNS = 4
+
+
+def teacher_model_config(cfg: TeacherConfig, latent_channels: int, sample_size: int, caption_channels: int) -> dict:
+    """Preset + overrides, with shapes fixed by the data; always dense time, QK-norm, no CFG embedding."""
+    if cfg.preset == "tiny":
+        base = presets.tiny(latent_channels, caption_channels, sample_size, guidance_embeds=False)
+    else:
+        base = presets.shapes_teacher(latent_channels=latent_channels)
+    model = {**base, **cfg.model}
+    model.update(in_channels=latent_channels, out_channels=latent_channels, sample_size=sample_size,
+                 caption_channels=caption_channels, guidance_embeds=False, timestep_scale=1.0,
+                 qk_norm=presets.QK_NORM)
+    return model
+
+
+def lr_lambda(cfg: TeacherConfig):
+    """Linear warm-up to 1, then constant or cosine decay to ``min_lr_ratio`` at ``cfg.steps``."""
+
+    def f(step: int) -> float:
+        if cfg.warmup and step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, columns: int = GRID_COLUMNS) -> None:
+    """images float [N, 3, H, W] in [-1, 1] -> one PNG."""
+    from PIL import Image
+
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    n, h, w, _ = x.shape
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    grid = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = x[i]
+    Image.fromarray(grid).save(path)
+
+
+class TeacherMethod(Method):
+    """Flow matching on cached latents; EMA; sample grids with flow Euler + CFG; export."""
+
+    def __init__(self, cfg: TeacherConfig, data: LatentDataset, device: torch.device, vae=None, text_encoder=None):
+        self.cfg = cfg
+        self.device = device
+        self.vae = vae
+        self.text_encoder = text_encoder  # only for export (training reads cached embeddings)
+        self.scaling_factor = data.scaling_factor
+        c, h, w = data.latent_shape
+        null_e, null_m = data.null_embedding()
+        self.model_config = teacher_model_config(cfg, c, h, int(null_e.shape[-1]))
+        self.transformer = SanaTransformer2DModel(**self.model_config).to(device)  # fp32 master weights
+        self.net = TrigFlowTransformer(self.transformer)
+        self.ema = EMA(self.transformer, cfg.ema_decay)
+        self.ema_net = TrigFlowTransformer(self.ema.shadow)
+        params = [p for p in self.transformer.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # loss draws (t, noise, dropout)
+        self.null = (null_e.to(device), null_m.to(device))
+        # Fixed sample-grid prompts: captions spread over the cache, with their cached embeddings.
+        k = min(cfg.sample_count, len(data.captions))
+        pick = np.linspace(0, len(data.captions) - 1, k).round().astype(int)
+        self.sample_captions = [data.captions[i] for i in pick]
+        self.sample_embeds = torch.from_numpy(np.asarray(data.text_embeds[pick]).astype(np.float32)).to(device)
+        self.sample_masks = torch.from_numpy(np.asarray(data.text_masks[pick]).astype(np.int64)).to(device)
+        self.latent_shape = (c, h, w)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.transformer.parameters())
+
+    # --- Method protocol ---
+
+    def state_modules(self) -> dict[str, torch.nn.Module]:
+        return {"transformer": self.transformer, "ema": self.ema}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"transformer": self.opt}
+
+    def schedulers(self) -> dict[str, Any]:
+        return {"transformer": self.sched}
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"loss": self.gen}
+
+    def train_step(self, batch: dict, step: int, opt: Stepper) -> dict[str, Any]:
+        x = batch["latents"].float() * self.scaling_factor  # unit-std flow space
+        self.transformer.train()
+
+        def velocity(x_t, t, embeds, mask):
+            return self.net.flow_velocity(x_t, t, embeds, mask)
+
+        loss, terms = flow_matching_loss(
+            velocity, x, batch["embeds"], batch["mask"], *self.null, generator=self.gen,
+            caption_dropout=self.cfg.caption_dropout, logit_mean=self.cfg.logit_mean, logit_std=self.cfg.logit_std,
+        )
+        if opt.step(loss.mean(), "transformer"):
+            self.ema.update(self.transformer)
+        return terms
+
+    @torch.no_grad()
+    def sample(self, embeds: torch.Tensor, mask: torch.Tensor, seeds: list[int], steps: int | None = None,
+               guidance: float | None = None, shift: float | None = None, ema: bool = True) -> torch.Tensor:
+        """Flow-Euler + CFG samples in unit-std latent space (x0 * scaling_factor)."""
+        net = self.ema_net if ema else self.net
+        net.eval()
+        b = embeds.shape[0]
+        null_e, null_m = self.null
+        fn = cfg_batched(lambda x, t, c: net.flow_velocity(x, t, *c), (embeds, mask),
+                         (null_e.expand(b, -1, -1), null_m.expand(b, -1)),
+                         self.cfg.sample_guidance if guidance is None else guidance)
+        x_T = randn((b, *self.latent_shape), [torch.Generator().manual_seed(s) for s in seeds], device=self.device)
+        ts = flow_schedule(steps or self.cfg.sample_steps, self.cfg.flow_shift if shift is None else shift)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            return flow_euler(fn, x_T, ts)
+
+    @torch.no_grad()
+    def sample_grid(self, path: Path) -> None:
+        x = self.sample(self.sample_embeds, self.sample_masks, list(range(len(self.sample_captions))))
+        if self.vae is not None:
+            images = self.vae.decode(x.to(next(self.vae.parameters()).dtype) / self.scaling_factor).sample
+        else:  # no decoder: show the first three latent channels
+            images = (x[:, :3] / 2).clamp(-1, 1)
+        save_image_grid(images, path)
+        Path(path).with_suffix(".txt").write_text("\n".join(self.sample_captions) + "\n")
+
+    def export(self, out_dir: Path, text_encoder=None) -> Path:
+        """Pipeline folder: EMA transformer + VAE in fp16 safetensors, sprint_config kind "teacher".
+
+        ``text_encoder`` defaults to the method's own, else ``cfg.text_encoder`` is loaded; a package
+        encoder is only named in the folder, a local one is saved into it.
+        """
+        import copy
+
+        from ..pipeline import SprintPipeline
+        from ..text import load_text_encoder
+
+        if self.vae is None:
+            raise ValueError("export needs the VAE")
+        te = text_encoder or self.text_encoder or load_text_encoder(self.cfg.text_encoder, self.cfg.max_length)
+        transformer = SanaTransformer2DModel(**self.model_config)
+        transformer.load_state_dict(self.ema.shadow.state_dict())
+        config = {
+            "kind": "teacher", "flow_shift": self.cfg.flow_shift, "default_steps": self.cfg.sample_steps,
+            "default_guidance": self.cfg.sample_guidance, "resolution": self.cfg.resolution,
+            "max_sequence_length": self.cfg.max_length,
+        }
+        vae = copy.deepcopy(self.vae).to("cpu", torch.float16)
+        SprintPipeline(te, transformer.to(torch.float16), vae, config).save_pretrained(out_dir)
+        return Path(out_dir)
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """The ``train-teacher`` flags (also registered as a subcommand by ``training/cli.py``)."""
+    from .cli import train_teacher_command
+
+    train_teacher_command(parser)
+
+
+def default_cache_dir(cfg: TeacherConfig) -> Path:
+    if cfg.cache:
+        return Path(cfg.cache)
+    slug = "shapes" if cfg.data == "shapes" else Path(cfg.data).resolve().name
+    return Path(cfg.out).resolve().parent / "cache" / f"{slug}-{cfg.cache_samples}-r{cfg.resolution}"
+
+
+def load_vae(path: str, device: torch.device):
+    from diffusers import AutoencoderDC
+
+    if not Path(path).is_dir():
+        from ..errors import ModelFolderError
+
+        raise ModelFolderError(f"VAE folder not found: {path}")
+    return AutoencoderDC.from_pretrained(path).to(device, torch.float32).eval().requires_grad_(False)
+
+
+def prepare_data(cfg: TeacherConfig, vae, device: torch.device) -> LatentDataset:
+    """The latent cache for ``cfg.data``: used as is when ``data`` is one, built (or resumed) otherwise."""
+    if is_latent_cache(cfg.data):
+        return LatentDataset(cfg.data)
+    cache = default_cache_dir(cfg)
+    if not (is_latent_cache(cache) and LatentDataset.is_complete(cache)):
+        from ..text import load_text_encoder
+
+        te = load_text_encoder(cfg.text_encoder, max_length=cfg.max_length, device=device)
+        build_latent_cache(cfg.data, vae, te, cfg.cache_samples, cache, batch=256, size=cfg.resolution,
+                           seed=cfg.seed, progress=cfg.progress)
+    return LatentDataset(cache)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = TeacherConfig.from_args(args, args.config)
+    if args.dry_run:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    vae = load_vae(cfg.vae, device)
+    data = prepare_data(cfg, vae, device)
+    seed_everything(cfg.seed)
+    method = TeacherMethod(cfg, data, device, vae=vae)
+    logger.info("teacher: %.2f M parameters, %d cached samples", method.num_parameters / 1e6, len(data))
+    Trainer(method, data.loader(cfg.batch, cfg.seed), cfg, device).fit()
+    out = Path(cfg.export) if cfg.export else Path(cfg.out) / "export"
+    method.export(out)
+    print(f"exported teacher pipeline to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:  # python -m sana_sprint.training.teacher
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="sana-sprint train-teacher", description=__doc__)
+    add_args(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""TeacherMethod: model config contract, learning on a tiny cache, export to a loadable teacher pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import IMAGE_SIZE
+from diffusers import SanaTransformer2DModel
+from safetensors.torch import load_file
+
+from sana_sprint.data.latents import LatentDataset, build_latent_cache
+from sana_sprint.models import presets
+from sana_sprint.training.config import TeacherConfig
+from sana_sprint.training.teacher import TeacherMethod, lr_lambda, teacher_model_config
+from sana_sprint.training.trainer import Trainer, seed_everything
+
+
+@pytest.fixture
+def cache(tmp_path, vae, text_encoder):
+    return build_latent_cache("shapes", vae, text_encoder, 12, tmp_path / "cache", batch=6, size=IMAGE_SIZE,
+                              progress=False)
+
+
+def test_shapes_teacher_fits_the_shipping_budget():
+    cfg = TeacherConfig()
+    mc = teacher_model_config(cfg, latent_channels=16, sample_size=8, caption_channels=384)
+    assert mc["qk_norm"] == presets.QK_NORM and mc["timestep_scale"] == 1.0 and mc["guidance_embeds"] is False
+    with torch.device("meta"):
+        n = sum(p.numel() for p in SanaTransformer2DModel(**mc).parameters())
+    assert n <= 5.5e6, n
+
+
+def test_lr_schedule():
+    cfg = TeacherConfig(steps=110, warmup=10, lr_schedule="cosine", min_lr_ratio=0.1)
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    assert lr_lambda(TeacherConfig(steps=110, warmup=0, lr_schedule="constant"))(50) == 1.0
+
+
+def test_teacher_learns_and_exports(tmp_path, cache, vae, text_encoder):
+    from sana_sprint.pipeline import SprintPipeline
+
+    torch.set_num_threads(1)
+    data = LatentDataset(cache)
+    cfg = TeacherConfig.from_dict(dict(out=str(tmp_path / "run"), preset="tiny", model={}, steps=60, batch=12,
+                                       lr=3e-3, warmup=5, log_every=20, ckpt_every=60, sample_every=60,
+                                       sample_steps=2, sample_count=4, progress=False, caption_dropout=0.0,
+                                       max_length=text_encoder.max_length, resolution=IMAGE_SIZE))
+    seed_everything(0)
+    m = TeacherMethod(cfg, data, torch.device("cpu"), vae=vae, text_encoder=text_encoder)
+    assert m.transformer.config.qk_norm == presets.QK_NORM and not m.transformer.config.guidance_embeds
+    Trainer(m, data.loader(cfg.batch, 0), cfg).fit()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < 0.9 * rows[0]["loss"]
+    assert (tmp_path / "run" / "samples" / "step-0000060.png").is_file()
+    assert all(p.dtype == torch.float32 for p in m.transformer.parameters())  # fp32 master weights
+
+    out = m.export(tmp_path / "export")
+    cfg_json = json.loads((out / "sprint_config.json").read_text())
+    assert cfg_json["kind"] == "teacher" and cfg_json["flow_shift"] == cfg.flow_shift
+    shipped = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    for k, v in m.ema.shadow.state_dict().items():  # shipped weights are the EMA weights, in fp16
+        assert shipped[k].dtype == torch.float16 and torch.equal(shipped[k], v.half()), k
+    assert all(v.dtype == torch.float16 for v in load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors")).values())
+    pipe = SprintPipeline.from_pretrained(out, text_encoder=text_encoder).to(dtype=torch.float32)
+    assert pipe.kind == "teacher"
+    img = pipe("a red circle", steps=2, seed=0, output_type="pt").images
+    assert img.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and torch.isfinite(img).all()
