@@ -27,7 +27,7 @@ browser-deps:
 	    echo "warning: could not install chromium; the browser test will be skipped"; }
 
 test: $(STAMP) browser-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ""

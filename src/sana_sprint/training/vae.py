@@ -69,7 +69,7 @@ PRESETS = {"shapes": SHAPES_VAE, "tiny": TINY_VAE}
 class VAETrainConfig:
     preset: str = "shapes"
     size: int = 64
-    steps: int = 3000
+    steps: int = 1200
     batch: int = 16
     lr: float = 1e-3
     min_lr_ratio: float = 0.05  # cosine decays to lr * this
@@ -381,6 +381,7 @@ def train_vae(cfg: VAETrainConfig, out_dir, resume: bool = False, progress: bool
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, dynamic_ncols=True, mininterval=5)
     log = open(out / "losses.jsonl", "a")
     t0, acc = time.time(), []
+    sec_before = history[-1]["sec"] if history else 0.0  # wall time of earlier sessions
     model.train()
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     while step < end:
@@ -404,7 +405,7 @@ def train_vae(cfg: VAETrainConfig, out_dir, resume: bool = False, progress: bool
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
             row = {k: float(np.mean([a[k] for a in acc])) for k in acc[0]}
-            row.update(step=step, lr=lr_at(step - 1, cfg), sec=time.time() - t0)
+            row.update(step=step, lr=lr_at(step - 1, cfg), sec=sec_before + time.time() - t0)
             history.append(row)
             log.write(json.dumps(row) + "\n")
             log.flush()
@@ -415,7 +416,8 @@ def train_vae(cfg: VAETrainConfig, out_dir, resume: bool = False, progress: bool
             save_loss_plot(out / "loss.png", history)
     bar.close()
     log.close()
-    summary = {"steps": step, "train_sec_this_session": time.time() - t0}
+    summary = {"steps": step, "train_sec_this_session": time.time() - t0,
+               "train_sec_total": history[-1]["sec"] if history else 0.0}
     if step < cfg.steps:
         _save_state(ckpt_path, step, model, ema, opt, bank, history, cfg)
         return summary
