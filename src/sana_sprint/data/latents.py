@@ -175,7 +175,25 @@ def build_latent_cache(
     return out
 
 
-class LatentDataset:
+class CacheMeta:
+    """Accessors shared by latent-cache readers: needs ``self.path`` (folder) and ``self.meta`` (its meta.json)."""
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.meta["scaling_factor"])
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.meta["latent_shape"])
+
+    def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeds [1, L, D] float32, mask [1, L] long) of the empty prompt, as cached."""
+        e = torch.from_numpy(np.load(self.path / "null_embed.npy").astype(np.float32))
+        m = torch.from_numpy(np.load(self.path / "null_mask.npy").astype(np.int64))
+        return e, m
+
+
+class LatentDataset(CacheMeta):
     """Read-only view of a latent cache (memory-mapped). ``ds[i]`` / ``ds.batch(indices)``."""
 
     def __init__(self, path: str | Path):
@@ -198,20 +216,6 @@ class LatentDataset:
 
     def __len__(self) -> int:
         return len(self.latents)
-
-    @property
-    def scaling_factor(self) -> float:
-        return float(self.meta["scaling_factor"])
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        return tuple(self.meta["latent_shape"])
-
-    def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeds [1, L, D] float32, mask [1, L] long) of the empty prompt, as cached."""
-        e = torch.from_numpy(np.load(self.path / "null_embed.npy").astype(np.float32))
-        m = torch.from_numpy(np.load(self.path / "null_mask.npy").astype(np.int64))
-        return e, m
 
     def batch(self, indices) -> dict[str, Any]:
         """Rows ``indices`` as float32 latents (raw, unscaled), float32 embeds, long mask, captions."""

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .latents import CacheMeta
 
 FORMAT = "sana_sprint.sharded_latents"
 VERSION = 1
@@ -203,7 +204,7 @@ def prepare_dataset(
     return out
 
 
-class ShardedLatentDataset:
+class ShardedLatentDataset(CacheMeta):
     """Memory-mapped reader of a ``prepare-data`` folder with the interface of ``data.latents.LatentDataset``.
 
     ``batch(indices)`` -> ``{"latents" float32 [B, C, h, w] (raw), "embeds" float32 [B, L, D],
@@ -239,19 +240,6 @@ class ShardedLatentDataset:
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
-
-    @property
-    def scaling_factor(self) -> float:
-        return float(self.meta["scaling_factor"])
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        return tuple(self.meta["latent_shape"])
-
-    def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
-        e = torch.from_numpy(np.load(self.path / "null_embed.npy").astype(np.float32))
-        m = torch.from_numpy(np.load(self.path / "null_mask.npy").astype(np.int64))
-        return e, m
 
     def batch(self, indices) -> dict[str, Any]:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
