@@ -20,6 +20,12 @@ demo: $(STAMP)
 	$(BIN)/sana-sprint generate "a red circle to the left of a blue square" --steps 1 --num 4 --out demo.png
 	@echo "wrote demo.png"
 
+# Every experiment of the paper's Tables 1-6 + Fig. 3 at the stated CPU budget (~6 h on one core; resumable:
+# rerun to continue). Writes docs/results.md + PNGs. E.g. REPRODUCE_ARGS="--jobs 2" or "--budget smoke".
+REPRODUCE_ARGS ?=
+reproduce: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python scripts/reproduce.py --budget full $(REPRODUCE_ARGS)
+
 # The browser end-to-end test needs Debian's chromium + chromedriver; without them it is skipped.
 browser-deps:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \

@@ -1,7 +1,13 @@
 """Cost of one distillation generator / discriminator step, in teacher-forward equivalents, and its memory.
 
-    python benchmarks/distill_cost.py [--preset shapes|tiny] [--batch 8] [--repeats 5] [--no-bf16]
-                                      [--device cpu|cuda] [--json benchmarks/distill_cost.json]
+    python benchmarks/distill_cost.py [--preset shapes|tiny | --teacher models/shapes-teacher] [--batch 8]
+                                      [--repeats 5] [--no-bf16] [--device cpu|cuda] [--threads 1]
+                                      [--phases jvp,g_step_both,...] [--json benchmarks/distill_cost.json]
+
+``jvp`` times the sCM tangent's forward-mode JVP of the student alone (``scm.student_jvp``: the
+stop-grad student output and its directional derivative in one ``torch.func.jvp``), so its cost in
+teacher forwards is the "JVP <= 3 forwards" figure. ``--teacher`` loads a real teacher folder's
+transformer (and its ``max_sequence_length``) instead of a randomly initialised preset.
 
 Time: median wall time of ``--repeats`` calls after ``--warmup`` calls, each phase exactly as
 ``DistillMethod`` runs it (bf16 autocast over fp32 weights, backward, clipping, AdamW step). The unit
@@ -15,6 +21,11 @@ peak RSS of the process (``getrusage().ru_maxrss``) minus the RSS measured after
 and before the first step (``/proc/self/statm``); this counts activations, gradients and optimiser
 state created by the step (tracemalloc cannot see torch's C allocations). The baseline is one
 flow-matching *teacher training* step (forward + backward + AdamW) at the same batch size.
+
+On a CPU shared with other jobs wall time is inflated by waiting for a core; each phase also records
+its process CPU time per call (``cpu_ms``, ``time.process_time``), which with ``--threads 1`` is the
+time the call would take on an idle core. Ratios are given for both (``teacher_forwards`` from wall
+time, ``teacher_forwards_cpu`` from CPU time).
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-PHASES = ("teacher_forward", "teacher_train_step", "g_step_scm", "g_step_ladd", "g_step_both", "d_step")
+PHASES = ("teacher_forward", "teacher_train_step", "jvp", "g_step_scm", "g_step_ladd", "g_step_both", "d_step")
 
 
 def _rss_mb() -> float:
@@ -57,6 +68,7 @@ def _phase(phase: str, args: dict, queue) -> None:
     """Build everything, then time ``phase`` and measure its memory; put a result dict on ``queue``."""
     from diffusers import SanaTransformer2DModel
 
+    from sana_sprint.losses import scm as scm_lib
     from sana_sprint.losses.flow_matching import flow_matching_loss
     from sana_sprint.models.wrapper import TrigFlowTransformer
     from sana_sprint.training.distill import DistillConfig, DistillMethod
@@ -67,8 +79,13 @@ def _phase(phase: str, args: dict, queue) -> None:
         torch.set_num_threads(args["threads"])
     device = torch.device(args["device"])
     cuda = device.type == "cuda"
-    cfg_t = _teacher_config(args["preset"])
-    teacher = SanaTransformer2DModel(**cfg_t).to(device)
+    if args.get("teacher"):
+        teacher = SanaTransformer2DModel.from_pretrained(Path(args["teacher"]) / "transformer", torch_dtype=torch.float32)
+        teacher = teacher.to(device)
+        cfg_t = dict(teacher.config)
+    else:
+        cfg_t = _teacher_config(args["preset"])
+        teacher = SanaTransformer2DModel(**cfg_t).to(device)
     b, L = args["batch"], args["max_length"]
     c, hw, d = cfg_t["in_channels"], cfg_t["sample_size"], cfg_t["caption_channels"]
     g = torch.Generator().manual_seed(0)
@@ -96,6 +113,18 @@ def _phase(phase: str, args: dict, queue) -> None:
                     loss, _ = flow_matching_loss(lambda x, t, e, m: net.flow_velocity(x, t, e, m), latents, embeds,
                                                  mask, *null, generator=g)
                     stepper.step(loss.mean(), "t")
+    elif phase == "jvp":
+        cfg = DistillConfig(out="unused", loss="scm", bf16=args["bf16"], batch=b, tangent_warmup=0)
+        method = DistillMethod(cfg, teacher, scaling_factor=1.0, latent_shape=(c, hw, hw), null=null, device=device)
+        method.student.train()  # as in the G step
+        s = torch.rand(b, generator=g).to(device) * 1.5 + 0.05
+        x_s = (torch.randn(b, c, hw, hw, generator=g) * 0.5).to(device)
+        dxds = torch.randn(b, c, hw, hw, generator=g).to(device)
+        w = torch.full((b,), 4.5, device=device)
+
+        def fn():
+            with autocast():
+                scm_lib.student_jvp(method.student, x_s, s, dxds, embeds, mask, w)
     else:
         loss = {"g_step_scm": "scm", "g_step_ladd": "ladd"}.get(phase, "both")
         cfg = DistillConfig(out="unused", loss=loss, bf16=args["bf16"], batch=b, tangent_warmup=0)
@@ -117,37 +146,44 @@ def _phase(phase: str, args: dict, queue) -> None:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     base_rss = _rss_mb()
-    times = []
+    times, cpu = [], []
     for i in range(args["warmup"] + args["repeats"]):
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         if cuda:
             torch.cuda.synchronize()
         if i >= args["warmup"]:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20 - base
     else:
         peak = _peak_rss_mb() - base_rss
     queue.put({"phase": phase, "ms": 1000 * statistics.median(times), "ms_all": [1000 * t for t in times],
-               "mem_mb": peak, "base_mb": base if cuda else base_rss})
+               "cpu_ms": 1000 * statistics.median(cpu), "cpu_ms_all": [1000 * t for t in cpu],
+               "mem_mb": peak, "base_mb": base if cuda else base_rss, "load_avg_1min": os.getloadavg()[0]})
 
 
 def measure(args: dict) -> dict:
     ctx = mp.get_context("spawn")
     results = {}
-    for phase in PHASES:
+    phases = args.get("phases") or PHASES
+    if "teacher_forward" not in phases or "teacher_train_step" not in phases:
+        phases = ["teacher_forward", "teacher_train_step", *[p for p in phases if not p.startswith("teacher")]]
+    for phase in phases:
         q = ctx.Queue()
         p = ctx.Process(target=_phase, args=(phase, args, q))
         p.start()
         results[phase] = q.get()
         p.join()
     fwd = results["teacher_forward"]["ms"]
+    fwd_cpu = results["teacher_forward"]["cpu_ms"]
     mem_t = max(results["teacher_train_step"]["mem_mb"], 1e-9)
     for r in results.values():
         r["teacher_forwards"] = r["ms"] / fwd
+        r["teacher_forwards_cpu"] = r["cpu_ms"] / fwd_cpu
         r["mem_vs_teacher_train"] = r["mem_mb"] / mem_t
     return results
 
@@ -155,6 +191,8 @@ def measure(args: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=["shapes", "tiny"], default="shapes")
+    ap.add_argument("--teacher", default=None, help="teacher pipeline folder (its transformer replaces --preset)")
+    ap.add_argument("--phases", default=None, help=f"comma-separated subset of {','.join(PHASES)} (default: all)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
@@ -164,16 +202,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads per phase (0 = torch default)")
     ap.add_argument("--json", default="benchmarks/distill_cost.json")
     a = ap.parse_args(argv)
-    args = {"preset": a.preset, "batch": a.batch, "max_length": a.max_length, "repeats": a.repeats,
-            "warmup": a.warmup, "bf16": a.bf16, "device": a.device, "threads": a.threads}
+    phases = [p.strip() for p in a.phases.split(",")] if a.phases else list(PHASES)
+    if any(p not in PHASES for p in phases):
+        ap.error(f"--phases: choose from {', '.join(PHASES)}")
+    max_length = a.max_length
+    if a.teacher:
+        sprint = Path(a.teacher) / "sprint_config.json"
+        if not sprint.is_file() or not (Path(a.teacher) / "transformer").is_dir():
+            ap.error(f"--teacher {a.teacher}: not a pipeline folder (needs sprint_config.json and transformer/)")
+        max_length = int(json.loads(sprint.read_text()).get("max_sequence_length", max_length))
+    args = {"preset": a.preset, "teacher": a.teacher, "batch": a.batch, "max_length": max_length, "repeats": a.repeats,
+            "warmup": a.warmup, "bf16": a.bf16, "device": a.device, "threads": a.threads, "phases": phases}
     results = measure(args)
     mem_kind = "CUDA max_memory_allocated" if a.device.startswith("cuda") else "peak RSS delta"
-    print(f"preset={a.preset} batch={a.batch} bf16={a.bf16} device={a.device} memory={mem_kind}")
-    print(f"{'phase':<20}{'ms':>10}{'teacher fwds':>14}{'mem MB':>10}{'x teacher train':>17}")
+    print(f"{a.teacher or 'preset=' + a.preset} batch={a.batch} L={max_length} bf16={a.bf16} device={a.device} "
+          f"threads={a.threads or 'default'} memory={mem_kind}")
+    print(f"{'phase':<20}{'ms':>9}{'cpu ms':>9}{'fwds':>7}{'fwds(cpu)':>10}{'mem MB':>9}{'x teacher train':>16}")
     for name, r in results.items():
-        print(f"{name:<20}{r['ms']:>10.1f}{r['teacher_forwards']:>14.2f}{r['mem_mb']:>10.1f}{r['mem_vs_teacher_train']:>17.2f}")
-    both = results["g_step_both"]["teacher_forwards"]
-    print(f"hybrid G step = {both:.1f} teacher forwards (target <= 12): {'OK' if both <= 12 else 'OVER'}")
+        print(f"{name:<20}{r['ms']:>9.1f}{r['cpu_ms']:>9.1f}{r['teacher_forwards']:>7.2f}{r['teacher_forwards_cpu']:>10.2f}"
+              f"{r['mem_mb']:>9.1f}{r['mem_vs_teacher_train']:>16.2f}")
+    for name, target in (("jvp", 3), ("g_step_both", 12)):
+        if name in results:
+            r = results[name]
+            v = r["teacher_forwards_cpu"] if a.device == "cpu" else r["teacher_forwards"]
+            print(f"{name} = {v:.2f} teacher forwards (target <= {target}): {'OK' if v <= target else 'OVER'}")
     out = Path(a.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": args, "memory_method": mem_kind, "results": results}, indent=2) + "\n")

@@ -5,6 +5,11 @@ Starts the real HTTP server in-process on a free loopback port, sends ``--n`` se
 server-side latency (conditioning + sampling + VAE decode + PNG, under the model lock) and the
 client round trip. Prints a summary and writes JSON.
 
+The server runs in this process, so the process CPU time spent per request (``cpu_ms``: server model
+work plus both sides' HTTP/JSON/base64 handling) is also reported: on a CPU shared with other jobs it
+is an estimate of the latency the request would have on an idle core (with ``--threads 1``), which the
+wall-clock numbers are not.
+
     python benchmarks/serve_latency.py --model shapes-sprint --n 50 --out serve_latency.json
     python benchmarks/serve_latency.py --scribble            # with a scribble (ControlNet path)
 """
@@ -15,6 +20,7 @@ import argparse
 import base64
 import io
 import json
+import os
 import platform
 import statistics
 import sys
@@ -69,19 +75,22 @@ def main(argv: list[str] | None = None) -> int:
     scribble = _scribble_url() if args.scribble else None
     server_ms: list[float] = []
     client_ms: list[float] = []
+    cpu_ms: list[float] = []
     try:
         for i in range(args.warmup + args.n):
             body = {"prompt": args.prompt, "steps": args.steps, "seed": i}
             if scribble:
                 body["scribble"] = scribble
             req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             with urllib.request.urlopen(req, timeout=600) as r:
                 reply = json.loads(r.read())
             dt = (time.perf_counter() - t0) * 1000
+            dc = (time.process_time() - c0) * 1000
             if i >= args.warmup:
                 server_ms.append(float(reply["latency_ms"]))
                 client_ms.append(dt)
+                cpu_ms.append(dc)
     finally:
         server.shutdown()
         server.server_close()
@@ -104,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             "min": min(server_ms),
         },
         "round_trip_ms": {"median": statistics.median(client_ms), "p90": _pct(client_ms, 0.9)},
+        "cpu_ms_per_request": {"median": statistics.median(cpu_ms), "p10": _pct(cpu_ms, 0.1), "p90": _pct(cpu_ms, 0.9)},
+        "load_avg_1min": round(os.getloadavg()[0], 2),
         "device": str(engine.pipe.device),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -115,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{report['model']} @ {report['resolution']}px, {args.steps} step(s), scribble={report['scribble']}: "
         f"server median {s['median']:.1f} ms (p10 {s['p10']:.1f}, p90 {s['p90']:.1f}); "
-        f"round trip median {report['round_trip_ms']['median']:.1f} ms over {args.n} requests -> {args.out}"
+        f"round trip median {report['round_trip_ms']['median']:.1f} ms; process CPU per request median "
+        f"{report['cpu_ms_per_request']['median']:.1f} ms over {args.n} requests (load avg {report['load_avg_1min']}) "
+        f"-> {args.out}"
     )
     return 0
 

@@ -96,3 +96,35 @@ def test_bench_refuses_swapped_kinds(capsys, tmp_path, folders):
     code = cli.main(["bench", "--model", str(teacher), "--out", str(tmp_path / "b.json")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "kind is 'teacher'" in err
+
+
+def test_runs_are_interleaved_in_rotating_order():
+    """Each repeat runs every side once and the first side rotates, so load drifts hit all sides alike."""
+    import torch
+
+    order = []
+
+    def side(name):
+        return (lambda: order.append(name) or name, benchmarks._Clock(torch.device("cpu")), lambda: None)
+
+    out = benchmarks._interleaved_runs([side("a"), side("b"), side("c")], repeats=3, warmup=1)
+    assert order == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [o for _, o in out] == ["a", "b", "c"]
+    assert all(med["total_ms"] >= 0 and set(benchmarks.COMPONENTS) <= set(med) for med, _ in out)
+
+
+def test_bench_fast_path_flags(folders, tmp_path):
+    student, _ = folders
+    settings = {}
+    for flags in ([], ["--no-linear-convs", "--no-trim-text"]):
+        out = tmp_path / f"b{len(flags)}.json"
+        code = cli.main(["bench", "--model", str(student), "--steps-list", "1", "--batches", "1", "--repeats", "1",
+                         "--warmup", "0", "--bf16", "off", *flags, "--out", str(out)])
+        assert code == 0
+        result = json.loads(out.read_text())
+        settings[len(flags)] = result["settings"]["student"]["ours"]
+        row = result["rows"][0]
+        assert {"name", "steps", "batch", "ours_ms", "diffusers_ms", "ratio"} <= set(row)
+        assert row["max_pixel_diff"] <= 1 / 255
+    assert settings[0]["linear_convs"] is True and settings[0]["trim_text"] is True
+    assert settings[2]["linear_convs"] is False and settings[2]["trim_text"] is False

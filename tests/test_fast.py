@@ -111,9 +111,148 @@ def test_auto_resolution_and_guards(monkeypatch):
 
 
 def test_describe(pipe):
+    fresh = _copy(pipe)
     assert fast.describe(pipe)["inference_mode"] is False
     d = fast.describe(fast.optimize_pipeline(pipe, bf16="off"))
-    assert d == {"inference_mode": True, "channels_last": True, "bf16": "off", "compile": False, "cuda_graphs": False}
+    assert d == {"inference_mode": True, "channels_last": True, "bf16": "off", "compile": False, "cuda_graphs": False,
+                 "linear_convs": True, "trim_text": True}
+    compiled = fast.optimize_pipeline(fresh, bf16="off", compile=True)  # compiles lazily: nothing runs here
+    assert isinstance(compiled.text_encoder, fast.PaddingFreeTextEncoder)
+    assert getattr(compiled.transformer, "_sprint_trim_hook", None) is None  # fixed key count under compile
+
+
+# --- convolutions as matmuls -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel,size", [(1, (4, 4)), (1, (5, 3)), (2, (8, 6)), (2, (7, 9)), (3, (9, 6))])
+@pytest.mark.parametrize("layout", ["nchw", "tokens"])
+def test_conv_as_linear_equals_conv_float64(kernel, size, layout):
+    torch.manual_seed(kernel)
+    conv = nn.Conv2d(6, 5, kernel, stride=kernel).double()
+    h, w = size
+    if layout == "nchw":
+        x = torch.randn(3, 6, h, w, dtype=torch.float64)
+    else:  # what the Sana blocks pass: a [B, C, H, W] view of token-major [B, H, W, C] activations
+        x = torch.randn(3, h, w, 6, dtype=torch.float64).permute(0, 3, 1, 2)
+    ref = conv(x)
+    assert fast.convs_as_linear(conv) == 1
+    out = conv(x)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() < 1e-12
+    fast.restore_convs(conv)
+    assert "forward" not in conv.__dict__
+
+
+def test_convs_as_linear_touches_only_patchify_convs(pipe):
+    t = pipe.transformer
+    keys = {k: v.clone() for k, v in t.state_dict().items()}
+    convs = {name: m for name, m in t.named_modules() if isinstance(m, nn.Conv2d)}
+    n = fast.convs_as_linear(t)
+    changed = sorted(name for name, m in convs.items() if "forward" in m.__dict__)
+    # every block: conv_inverted + conv_point (1x1); plus the patch embedding; never the depthwise 3x3
+    blocks = len(t.transformer_blocks)
+    assert n == len(changed) == 2 * blocks + 1
+    assert "patch_embed.proj" in changed and not any(name.endswith("conv_depth") for name in changed)
+    assert set(t.state_dict()) == set(keys) and all(torch.equal(t.state_dict()[k], v) for k, v in keys.items())
+    fast.restore_convs(t)
+
+
+def _transformer_out(model, x, e, m, w):
+    return model(x, torch.full((x.shape[0],), 1.2), e, m, guidance=w)
+
+
+def test_linear_convs_transformer_float64(pipe):
+    """The whole transformer with 1x1/patch convs as matmuls equals the conv version in float64."""
+    model = copy.deepcopy(pipe.model).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
+    e = torch.randn(3, MAX_LENGTH, 32, generator=g, dtype=torch.float64)
+    m = torch.ones(3, MAX_LENGTH, dtype=torch.long)
+    ref = _transformer_out(model, x, e, m, 4.5)
+    assert fast.convs_as_linear(model.transformer) > 0
+    out = _transformer_out(model, x, e, m, 4.5)
+    assert ref.std() > 1e-3 and (out - ref).abs().max() < 1e-10
+
+
+# --- padding-free text -----------------------------------------------------------------------------------
+
+SHORT = ["two cats", "a red dog left of a blue square"]  # 4 and 10 tokens with [CLS]/[SEP]
+
+
+@pytest.fixture
+def long_pipe(tokenizer, bert):
+    """max_length 16 > every SHORT prompt, so padding is really skipped."""
+    return SprintPipeline(
+        TextEncoder(tokenizer, bert, max_length=16), tiny_transformer(seed=5), tiny_vae(seed=6),
+        {"kind": "student", "resolution": IMAGE_SIZE},
+    )
+
+
+def test_padding_free_encoder_equals_padded_on_real_tokens(tokenizer, bert, caplog):
+    ref = TextEncoder(tokenizer, bert, max_length=16)
+    enc = fast.PaddingFreeTextEncoder.from_encoder(ref)
+    prompts = [*SHORT, "a " * 30 + "square"]  # the last one is truncated to 16 tokens
+    e_ref, m_ref = ref.encode(prompts)
+    with caplog.at_level("WARNING"):
+        e, m = enc.encode(prompts)
+    assert "truncated to max_sequence_length=16" in caplog.text
+    assert e.shape == e_ref.shape and e.dtype == torch.float32 and torch.equal(m, m_ref)
+    assert m.sum(1).tolist() == [4, 10, 16]
+    keep = m.bool()
+    assert (e[keep] - e_ref[keep]).abs().max() < 1e-5
+    assert torch.all(e[~keep] == 0) and e_ref[~keep].abs().max() > 0.1  # pads differ, masked out
+    # shorter batches are padded to their own longest prompt only, still the same values
+    e1, m1 = fast.PaddingFreeTextEncoder.from_encoder(ref).encode(SHORT[:1])
+    assert torch.equal(m1, m_ref[:1]) and (e1[0, :4] - e_ref[0, :4]).abs().max() < 1e-5
+
+
+def test_trim_hook_cuts_padded_keys_only():
+    calls = []
+
+    class Probe(nn.Module):
+        def forward(self, x, encoder_hidden_states=None, encoder_attention_mask=None):
+            calls.append((encoder_hidden_states.shape[1], encoder_attention_mask.clone()))
+            return x
+
+    probe = Probe()
+    handle = fast.trim_cross_attention(probe)
+    e = torch.randn(2, 6, 3)
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0]])
+    probe(torch.zeros(1), encoder_hidden_states=e, encoder_attention_mask=mask)
+    probe(torch.zeros(1), encoder_hidden_states=e, encoder_attention_mask=torch.ones(2, 6, dtype=torch.long))
+    handle.remove()
+    probe(torch.zeros(1), encoder_hidden_states=e, encoder_attention_mask=mask)
+    assert [c[0] for c in calls] == [3, 6, 6]
+    assert torch.equal(calls[0][1], mask[:, :3])
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_trim_text_through_pipeline_matches_padded(long_pipe, steps):
+    ref = long_pipe(SHORT, steps=steps, seed=3, output_type="pt")
+    fp = fast.optimize_pipeline(_copy(long_pipe), bf16="off", linear_convs=False, trim_text=True)
+    assert isinstance(fp.text_encoder, fast.PaddingFreeTextEncoder)
+    seen = []
+    probe = fp.transformer.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append(kw["encoder_hidden_states"].shape[1]), with_kwargs=True
+    )
+    out = fp(SHORT, steps=steps, seed=3, output_type="pt")
+    probe.remove()
+    assert seen == [10] * steps  # the hooks run in order: trimmed to the longest prompt (10 of 16)
+    assert ref.images.std() > 1e-3
+    assert (out.images - ref.images).abs().max() <= fast.TOLERANCE["fp32"]
+    assert (out.latents - ref.latents).abs().max() <= fast.TOLERANCE["fp32"]
+
+
+def test_trim_text_teacher_real_cfg_matches_padded(tokenizer, bert):
+    """Teacher: cond + the null prompt (its own mask) batched for real CFG, cut to the longest of both."""
+    teacher = SprintPipeline(
+        TextEncoder(tokenizer, bert, max_length=16), tiny_transformer(guidance_embeds=False, seed=7),
+        tiny_vae(seed=8), {"kind": "teacher", "resolution": IMAGE_SIZE},
+    )
+    ref = teacher(SHORT, steps=3, seed=1, output_type="pt")
+    out = fast.optimize_pipeline(_copy(teacher), bf16="off")(SHORT, steps=3, seed=1, output_type="pt")
+    assert (out.images - ref.images).abs().max() <= fast.TOLERANCE["fp32"]
+    assert (out.latents - ref.latents).abs().max() <= fast.TOLERANCE["fp32"]
 
 
 @pytest.mark.slow

@@ -1,7 +1,11 @@
-"""Resume is exact: a teacher run SIGKILLed after a checkpoint and resumed ends bit-identical to a straight run.
+"""Resume is exact: a run SIGKILLed after a checkpoint and resumed ends bit-identical to a straight run.
 
-Runs the real TeacherMethod (tiny preset, bf16 autocast, EMA, LR schedule, caption dropout, sample
+Teacher: the real TeacherMethod (tiny preset, bf16 autocast, EMA, LR schedule, caption dropout, sample
 grids) in subprocesses; this file is also the worker (``python test_resume.py WORKER_ARGS``).
+
+Distillation: the real ``sana-sprint distill`` entry point (``distill.main --config``: teacher folder,
+latent cache, sCM + LADD, both optimisers, sample grids, export) in forked children (no second torch
+import), one of them SIGKILLed between its generator and discriminator updates.
 """
 
 from __future__ import annotations
@@ -114,6 +118,119 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, cache):
     # the weights really moved (the comparison is not vacuous)
     first = load_file(str(killed / "checkpoints" / f"ckpt-{STEPS:07d}" / "modules" / "transformer.safetensors"))
     assert any(not torch.equal(v, mods_a["ema"]["shadow." + k]) for k, v in first.items())
+
+
+# --- distillation ----------------------------------------------------------------------------------
+
+D_STEPS, D_CKPT_EVERY, D_KILL_AT = 6, 3, 5
+
+
+def _distill_child(config: Path, kill_at: int = -1) -> int:
+    """Run ``distill.main(["--config", config])`` in a forked child; its exit code (-9 = SIGKILL).
+
+    With ``kill_at >= 0`` the child SIGKILLs itself inside trainer step ``kill_at``: after the generator
+    update (the student and its optimiser have moved in memory), before the discriminator update.
+    """
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 1
+        try:
+            torch.set_num_threads(1)
+            from sana_sprint.training import distill
+
+            if kill_at >= 0:
+                inner = distill.DistillMethod.generator_step
+
+                def generator_step(self, x0, ehs, mask, step, opt):
+                    logs = inner(self, x0, ehs, mask, step, opt)
+                    if step == kill_at:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return logs
+
+                distill.DistillMethod.generator_step = generator_step
+            code = distill.main(["--config", str(config)])
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.fixture
+def distill_setup(tmp_path, cache, vae, tokenizer, bert):
+    """(teacher folder, cache) for a tiny distillation: a random tiny teacher saved as a pipeline folder."""
+    import matplotlib
+    from conftest import IMAGE_SIZE, MAX_LENGTH, tiny_transformer
+
+    from sana_sprint.pipeline import SprintPipeline
+    from sana_sprint.text import TextEncoder
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401  (imported once here, not in every forked child's first save)
+
+    from sana_sprint.training import distill  # noqa: F401
+
+    folder = tmp_path / "teacher"
+    SprintPipeline(TextEncoder(tokenizer, bert, max_length=MAX_LENGTH), tiny_transformer(guidance_embeds=False, seed=5),
+                   vae, {"kind": "teacher", "resolution": IMAGE_SIZE}).save_pretrained(folder)
+    return folder, cache
+
+
+def _distill_config(path: Path, teacher: Path, cache: Path, out: Path, resume: bool = False) -> Path:
+    path.write_text(json.dumps(dict(
+        out=str(out), teacher=str(teacher), data=str(cache), loss="both", steps=D_STEPS, batch=4, lr=1e-3, lr_d=1e-3,
+        grad_clip=1.0, tangent_warmup=4,  # r changes every step: the restored step counter matters
+        ckpt_every=D_CKPT_EVERY, keep_last=0, log_every=1, sample_every=2, sample_steps=[1, 2], sample_count=2,
+        progress=False, resume=resume, seed=3, bf16=False, threads=1, export=str(out / "export"),
+    )))
+    return path
+
+
+def _distill_final(run: Path):
+    ck = run / "checkpoints" / f"ckpt-{D_STEPS:07d}"
+    mods = {name: load_file(str(ck / "modules" / f"{name}.safetensors")) for name in ("student", "logvar", "disc_heads")}
+    return mods, torch.load(ck / "state.pt", weights_only=True)
+
+
+def test_distill_sigkill_mid_step_and_resume_is_bit_identical(tmp_path, distill_setup):
+    teacher, cache = distill_setup
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert _distill_child(_distill_config(tmp_path / "a.json", teacher, cache, straight)) == 0
+
+    assert _distill_child(_distill_config(tmp_path / "b.json", teacher, cache, killed), kill_at=D_KILL_AT) == -signal.SIGKILL
+    ckpts = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    assert ckpts == [f"ckpt-{D_CKPT_EVERY:07d}"]
+    assert len(_losses(killed)) == D_KILL_AT  # logged past the checkpoint before dying
+    assert not (killed / "export").exists()
+
+    assert _distill_child(_distill_config(tmp_path / "c.json", teacher, cache, killed, resume=True)) == 0
+
+    mods_a, state_a = _distill_final(straight)
+    mods_b, state_b = _distill_final(killed)
+    _assert_equal(mods_a, mods_b, "modules")  # student, logvar head, discriminator heads
+    assert sorted(state_a["optimizers"]) == ["discriminator", "generator"]
+    _assert_equal(state_a["optimizers"], state_b["optimizers"], "optimizers")
+    _assert_equal(state_a["rng"], state_b["rng"], "rng")  # python, numpy, torch and the distill generator
+    _assert_equal(state_a["extra"]["data"], state_b["extra"]["data"], "data position")
+    _assert_equal(state_a["extra"]["stepper"], state_b["extra"]["stepper"], "stepper counters")
+    assert state_b["extra"]["stepper"]["steps"] == {"generator": D_STEPS, "discriminator": D_STEPS}
+    assert state_a["step"] == state_b["step"] == D_STEPS
+    rows_a = [json.loads(r) for r in (straight / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(r) for r in (killed / "metrics.jsonl").read_text().splitlines()]
+    keys = [k for k in rows_a[0] if k.startswith(("loss", "scm/", "ladd/", "grad_norm/"))]
+    assert {"loss", "loss_scm", "loss_adv_g", "loss_d"} <= set(keys)
+    assert [[r[k] for k in keys] for r in rows_a] == [[r[k] for k in keys] for r in rows_b]
+    exp_a = load_file(str(straight / "export" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    exp_b = load_file(str(killed / "export" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    _assert_equal(exp_a, exp_b, "export")
+    # not vacuous: the student left the teacher and the heads moved after the checkpoint
+    t = load_file(str(teacher / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(v.float(), mods_a["student"][k]) for k, v in t.items())
+    mid = load_file(str(killed / "checkpoints" / f"ckpt-{D_CKPT_EVERY:07d}" / "modules" / "disc_heads.safetensors"))
+    assert any(not torch.equal(v, mods_a["disc_heads"][k]) for k, v in mid.items())
 
 
 if __name__ == "__main__":

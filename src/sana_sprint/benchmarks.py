@@ -4,14 +4,20 @@ For each step count (and the teacher at 20 steps when ``--teacher`` is given) an
 (1 = latency, 10 = throughput) it times, in one process, median over ``--repeats`` runs after
 ``--warmup`` runs:
 
-- **ours**: :class:`~sana_sprint.fast.FastSprintPipeline` (fast paths from ``--bf16``, ``--compile``...);
-  the text encoder's prompt cache is cleared before every run, so text encoding is timed like
-  diffusers' (``ours_cached_text_ms`` is the time without it: a repeated prompt);
+- **ours**: :class:`~sana_sprint.fast.FastSprintPipeline` with its default fast paths (inference mode,
+  channels-last VAE, 1x1/patch convolutions as matmuls, padding-free text encoding; ``--bf16``,
+  ``--compile`` and the ``--no-*`` flags change them); the text encoder's prompt cache is cleared
+  before every run, so text encoding is timed like diffusers' (``ours_cached_text_ms`` is the time
+  without it: a repeated prompt);
 - **diffusers**: ``SanaSprintPipeline`` (teacher: ``SanaPipeline`` + flow-match Euler, same shift) loaded
   from the same folder, with our text encoder and tokenizer passed in, ``max_sequence_length`` equal
   to ours, no prompt prefix (``complex_human_instruction=None``), ``use_resolution_binning=False``, and its
   fastest fair settings: its own modules, fp32 on CPU (bf16 convolutions are ~30x slower on AVX2),
   bf16 on CUDA, compiled when ours is.
+
+``--clock cpu`` times process CPU time instead of wall time: on a CPU shared with other jobs it
+counts the work done, not the waiting (with ``--threads 1`` both agree on an idle machine). The runs are interleaved (each repeat times ours, diffusers and the optional plain pipeline once, in
+rotating order), so load changes on a shared machine hit both sides alike.
 
 Both sample the same schedule (2 steps: [1.5708, 1.3, 0], otherwise linspace(1.5708, 0, N+1), the
 diffusers defaults) with the same per-image generators, and the row records the largest pixel
@@ -71,13 +77,14 @@ class _Clock:
 
     device: Any
     times: dict[str, float] = field(default_factory=dict)
+    cpu: bool = False  # process CPU time instead of wall time (a shared, loaded CPU machine)
 
     def now(self) -> float:
         if self.device.type == "cuda":
             import torch
 
             torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+        return time.process_time() if self.cpu else time.perf_counter()
 
     def wrap(self, name: str, fn: Callable) -> Callable:
         def timed(*args, **kwargs):
@@ -117,25 +124,41 @@ def _instrument(clock: _Clock, text_owner, text_attr: str, transformer, vae) -> 
         del vae.decode
 
 
-def _median_runs(run: Callable[[], Any], clock: _Clock, repeats: int, warmup: int, before: Callable = lambda: None):
-    """(median component times incl. total_ms, output of the last run)."""
-    out = None
+def _median(samples: list[dict[str, float]]) -> dict[str, float]:
+    return {k: round(statistics.median(x[k] for x in samples), 3) for k in (*COMPONENTS, "total_ms")}
+
+
+def _timed_run(run: Callable[[], Any], clock: _Clock, before: Callable) -> tuple[dict[str, float], Any]:
+    before()
+    clock.times = {}
+    start = clock.now()
+    out = run()
+    total = (clock.now() - start) * 1000
+    t = {k: clock.times.get(k, 0.0) for k in COMPONENTS[:3]}
+    t["other_ms"] = max(0.0, total - sum(t.values()))
+    t["total_ms"] = total
+    return t, out
+
+
+def _interleaved_runs(sides: list[tuple[Callable[[], Any], _Clock, Callable]], repeats: int, warmup: int):
+    """[(median component times incl. total_ms, output of the last run)] per side.
+
+    Every repeat runs each side once, the order rotating from one repeat to the next, so a load change
+    on a shared machine hits all sides alike (the ratio stays fair even when absolute times drift).
+    """
+    outs: list[Any] = [None] * len(sides)
     for _ in range(warmup):
-        before()
-        out = run()
-    samples: list[dict[str, float]] = []
-    for _ in range(repeats):
-        before()
-        clock.times = {}
-        start = clock.now()
-        out = run()
-        total = (clock.now() - start) * 1000
-        t = {k: clock.times.get(k, 0.0) for k in COMPONENTS[:3]}
-        t["other_ms"] = max(0.0, total - sum(t.values()))
-        t["total_ms"] = total
-        samples.append(t)
-    med = {k: round(statistics.median(s[k] for s in samples), 3) for k in (*COMPONENTS, "total_ms")}
-    return med, out
+        for i, (run, _clock, before) in enumerate(sides):
+            before()
+            outs[i] = run()
+    samples: list[list[dict[str, float]]] = [[] for _ in sides]
+    for r in range(repeats):
+        for j in range(len(sides)):
+            i = (j + r) % len(sides)
+            run, clock, before = sides[i]
+            t, outs[i] = _timed_run(run, clock, before)
+            samples[i].append(t)
+    return [(_median(s), o) for s, o in zip(samples, outs)]
 
 
 # --- the two pipelines ------------------------------------------------------------------------------
@@ -175,7 +198,8 @@ def _max_pixel_diff(a, b) -> float:
     return max(float(np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).max()) for x, y in zip(a, b)) / 255
 
 
-def bench_case(ours, theirs, *, steps: int, batch: int, repeats: int, warmup: int, device, plain=None) -> dict:
+def bench_case(ours, theirs, *, steps: int, batch: int, repeats: int, warmup: int, device, plain=None,
+               cpu_clock: bool = False) -> dict:
     """One row: ours (+ optional plain SprintPipeline) vs diffusers at ``steps`` steps and ``batch`` images."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     size = int(ours.config["resolution"])
@@ -196,17 +220,21 @@ def bench_case(ours, theirs, *, steps: int, batch: int, repeats: int, warmup: in
         if steps != 2:
             theirs_kw["intermediate_timesteps"] = None  # diffusers refuses other step counts otherwise
 
-    clock = _Clock(device)
     row: dict[str, Any] = {"name": f"teacher-{steps}step" if teacher else f"sprint-{steps}step", "steps": steps, "batch": batch}
-    with _instrument(clock, ours.text_encoder, "encode", ours.transformer, ours.vae):
-        mine, mine_out = _median_runs(
-            lambda: ours(prompts, generator=_generators(batch, device), **ours_kw).images,
-            clock, repeats, warmup, before=ours.text_encoder.clear_cache,
-        )
-    with _instrument(clock, theirs, "encode_prompt", theirs.transformer, theirs.vae):
-        ref, ref_out = _median_runs(
-            lambda: theirs(prompts, generator=_generators(batch, device), **theirs_kw).images, clock, repeats, warmup
-        )
+    clocks = [_Clock(device, cpu=cpu_clock) for _ in range(3)]
+    sides = [
+        (lambda: ours(prompts, generator=_generators(batch, device), **ours_kw).images, clocks[0], ours.text_encoder.clear_cache),
+        (lambda: theirs(prompts, generator=_generators(batch, device), **theirs_kw).images, clocks[1], lambda: None),
+    ]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_instrument(clocks[0], ours.text_encoder, "encode", ours.transformer, ours.vae))
+        stack.enter_context(_instrument(clocks[1], theirs, "encode_prompt", theirs.transformer, theirs.vae))
+        if plain is not None:
+            stack.enter_context(_instrument(clocks[2], plain.text_encoder, "encode", plain.transformer, plain.vae))
+            sides.append((lambda: plain(prompts, generator=_generators(batch, device), **ours_kw).images,
+                          clocks[2], plain.text_encoder.clear_cache))
+        results = _interleaved_runs(sides, repeats, warmup)
+    (mine, mine_out), (ref, ref_out) = results[:2]
     row.update(
         ours_ms=mine["total_ms"],
         diffusers_ms=ref["total_ms"],
@@ -221,12 +249,7 @@ def bench_case(ours, theirs, *, steps: int, batch: int, repeats: int, warmup: in
     # the transformer 1000 t where ours feeds t, so only its cost is comparable).
     row["max_pixel_diff"] = None if teacher else round(_max_pixel_diff(mine_out, ref_out), 5)
     if plain is not None:
-        with _instrument(clock, plain.text_encoder, "encode", plain.transformer, plain.vae):
-            base, _ = _median_runs(
-                lambda: plain(prompts, generator=_generators(batch, device), **ours_kw).images,
-                clock, repeats, warmup, before=plain.text_encoder.clear_cache,
-            )
-        row["ours_plain_ms"] = base["total_ms"]
+        row["ours_plain_ms"] = results[2][0]["total_ms"]
     return row
 
 
@@ -241,6 +264,7 @@ def run_bench(
     fast_options: dict | None = None,
     compare_plain: bool = False,
     log=print,
+    cpu_clock: bool = False,
 ) -> dict:
     """All rows for a student folder (and optionally a teacher folder); see the module docstring."""
     import diffusers
@@ -270,7 +294,8 @@ def run_bench(
         plain = SprintPipeline.from_pretrained(folder, device=device) if compare_plain else None
         settings[ours.kind] = {"folder": str(folder), "ours": fast.describe(ours), "diffusers_dtype": str(dtype)}
         for steps, batch in cases:
-            row = bench_case(ours, theirs, steps=steps, batch=batch, repeats=repeats, warmup=warmup, device=device, plain=plain)
+            row = bench_case(ours, theirs, steps=steps, batch=batch, repeats=repeats, warmup=warmup, device=device,
+                             plain=plain, cpu_clock=cpu_clock)
             log(f"{row['name']:>16} b={batch:<3} ours {row['ours_ms']:9.2f} ms  diffusers {row['diffusers_ms']:9.2f} ms  "
                 f"ratio {row['ratio']:.3f}")
             rows.append(row)
@@ -282,6 +307,7 @@ def run_bench(
             "threads": torch.get_num_threads(),
             "repeats": repeats,
             "warmup": warmup,
+            "clock": "process CPU time" if cpu_clock else "wall",
             "guidance": GUIDANCE,
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
@@ -292,7 +318,8 @@ def run_bench(
 def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [
-        f"Median of {s['repeats']} runs after {s['warmup']} warm-up, device {s['device']}, {s['threads']} threads, "
+        f"Median of {s['repeats']} runs after {s['warmup']} warm-up ({s.get('clock', 'wall')} clock, runs interleaved), "
+        f"device {s['device']}, {s['threads']} threads, "
         f"torch {s['torch']}, diffusers {s['diffusers']}. ratio = ours / diffusers (< 1: ours faster).",
         "",
         "| name | steps | batch | ours ms | diffusers ms | ratio | ours img/s | diffusers img/s "
@@ -332,7 +359,11 @@ def bench_command(p: argparse.ArgumentParser):
     p.add_argument("--compile", action="store_true", help="torch.compile ours (and diffusers' transformer)")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--no-inference-mode", action="store_true")
+    p.add_argument("--no-linear-convs", action="store_true", help="keep the transformer's 1x1/patch convolutions")
+    p.add_argument("--no-trim-text", action="store_true", help="encode and attend to prompts padded to max length")
     p.add_argument("--compare-plain", action="store_true", help="also time a plain SprintPipeline (no fast paths)")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="cpu: time the process's CPU time (robust on a shared, loaded CPU; not for CUDA)")
     p.add_argument("--out", required=True, help="JSON file; a markdown table is written next to it (.md)")
 
     def run(args: argparse.Namespace) -> int:
@@ -359,9 +390,12 @@ def bench_command(p: argparse.ArgumentParser):
         from .fast import FastOptions
 
         device = pick_device(args.device)
+        if args.clock == "cpu" and device.type != "cpu":
+            raise UserError(f"--clock cpu times CPU work only: use it with --device cpu (got {device})")
         options = dict(
             bf16=args.bf16, compile=args.compile, channels_last=not args.no_channels_last,
-            inference_mode=not args.no_inference_mode,
+            inference_mode=not args.no_inference_mode, linear_convs=not args.no_linear_convs,
+            trim_text=not args.no_trim_text,
         )
         try:
             FastOptions(**options).resolved(device)
@@ -369,7 +403,7 @@ def bench_command(p: argparse.ArgumentParser):
             raise UserError(str(e)) from None
         result = run_bench(
             folders[0], folders[1], steps_list, batches, args.repeats, args.warmup, device, options,
-            compare_plain=args.compare_plain, log=lambda m: print(m, file=sys.stderr),
+            compare_plain=args.compare_plain, log=lambda m: print(m, file=sys.stderr), cpu_clock=args.clock == "cpu",
         )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")

@@ -34,10 +34,13 @@ DEFAULT_MODEL = "shapes-sprint"
 # Modules whose import registers more subcommands with @command (e.g. "sana_sprint.training.cli").
 COMMAND_MODULES: tuple[str, ...] = (
     "sana_sprint.training.cli",
+    "sana_sprint.training.finetune",
     "sana_sprint.serve.app",
     "sana_sprint.data.prepare",
     "sana_sprint.benchmarks",
     "sana_sprint.evaluation.run",
+    "sana_sprint.training.controlnet",
+    "sana_sprint.evaluation.control",
 )
 
 

@@ -10,6 +10,11 @@ also under ``--limit``) is sampled with its own ``torch.Generator`` seeded by :f
 ``(seed, i, k)``. The pipeline draws the initial noise (and, for multistep students, the re-noising)
 from that generator only, so every model sees the same initial noise for the same prompt and image,
 whatever the batch size: teacher-vs-student comparisons are paired.
+
+Teacher ODE solver (``--sampler``, paper Table 1): ``flow-euler`` (the pipeline's own: Euler on the flow
+velocity) or ``trigflow-euler`` (Euler on the TrigFlow PF-ODE ``dx_s/ds = sd F`` where ``F`` is the
+teacher turned into a TrigFlow model by the training-free transform of the wrapper), on the same time
+points, the same real CFG and the same initial noise. :func:`with_sampler` gives such a pipeline.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ GRID_IMAGES = 32  # images shown in the PNG next to the JSON
 GRID_TILE = 128  # tiles are upscaled (nearest) to at least this many pixels so captions fit
 DEFAULT_FD_REFERENCE = 2000  # ground-truth renders in the FD_shapes reference set
 REQUIRED_KEYS = ("tag", "prompt", "include")
+TEACHER_SAMPLERS = ("flow-euler", "trigflow-euler")
 
 
 # --- prompts ------------------------------------------------------------------------------------
@@ -191,6 +197,68 @@ def caption_grid(images: Sequence[np.ndarray], captions: Sequence[str], correct:
         for li, text in enumerate(lines[j]):
             draw.text((x + 2, y + h + 2 + li * line_h), text, fill=colour, font=font)
     return grid
+
+
+# --- teacher samplers ---------------------------------------------------------------------------
+
+
+def _trigflow_euler_teacher_cls():
+    from sana_sprint.pipeline import SprintPipeline
+
+    class TrigFlowEulerTeacher(SprintPipeline):
+        """A teacher pipeline that solves the TrigFlow PF-ODE (Euler in s) instead of the flow ODE (Euler in t).
+
+        The network call goes through :class:`~sana_sprint.models.wrapper.TrigFlowTransformer` ``forward``,
+        i.e. the flow -> TrigFlow transform (paper Prop. 3.1); CFG is applied to ``F`` (``F`` is affine in
+        the velocity at fixed input, so this equals the transform of the guided velocity). Same schedule
+        (``s_i = trig_time(t_i)``), same initial noise (``x_s = sd * eps`` at ``s_0 = pi/2``).
+        """
+
+        sampler = "trigflow-euler"
+
+        def _sample_teacher(self, x_T, schedule, embeds, mask, w):
+            from sana_sprint.sampling import cfg_batched, trigflow_euler
+
+            dtype, sd = self.dtype, self.sigma_data
+            guidance = w if self.model.has_guidance else None
+
+            def F(x_scaled, s, cond):
+                e, m = cond
+                return self.model(x_scaled.to(dtype), s, e, m, guidance=guidance).float()
+
+            if w == 1.0 or self.model.has_guidance:
+                fn = lambda x, s: F(x, s, (embeds, mask))  # noqa: E731
+            else:
+                null_e, null_m = self.text_encoder.null_embedding()
+                n = embeds.shape[0]
+                uncond = (null_e.to(embeds).expand(n, -1, -1), null_m.to(mask.device).expand(n, -1))
+                fn = cfg_batched(F, (embeds, mask), uncond, w)
+            return trigflow_euler(fn, x_T * sd, schedule, sigma_data=sd)  # training space, as flow Euler's
+
+    return TrigFlowEulerTeacher
+
+
+def with_sampler(pipe, sampler: str | None):
+    """``pipe`` sampling with the named teacher ODE solver (``None`` or ``flow-euler``: unchanged).
+
+    Students sample with consistency steps: any ``sampler`` other than None -> UserError.
+    """
+    if sampler is None:
+        return pipe
+    if sampler not in TEACHER_SAMPLERS:
+        raise UserError(f"sampler must be one of {', '.join(TEACHER_SAMPLERS)}, got {sampler!r}")
+    if pipe.kind != "teacher":
+        raise UserError("--sampler applies to teacher models only (students sample with consistency steps)")
+    if sampler == "flow-euler":
+        return pipe
+    return _trigflow_euler_teacher_cls()(pipe.text_encoder, pipe.model, pipe.vae, pipe.config)
+
+
+def sampler_name(pipe) -> str:
+    """What ``pipe`` samples with: ``consistency`` (students), ``flow-euler`` or ``trigflow-euler`` (teachers)."""
+    if pipe.kind != "teacher":
+        return "consistency"
+    return getattr(pipe, "sampler", "flow-euler")
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -363,6 +431,8 @@ def eval_command(p: argparse.ArgumentParser):
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's; teachers 20)")
     p.add_argument("--timesteps", default=None, help="explicit TrigFlow times, e.g. 1.5708,1.3 (0 appended)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale w (default: the model's)")
+    p.add_argument("--sampler", default=None, choices=TEACHER_SAMPLERS,
+                   help="teacher ODE solver: flow-euler (default) or trigflow-euler (through the flow->TrigFlow transform)")
     p.add_argument("--prompts", default=None, help="GenEval metadata JSONL (default: the ShapesEval suite)")
     p.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (default: %(default)s, as GenEval)")
     p.add_argument("--seed", type=int, default=0, help="image k of prompt i uses a seed derived from (seed, i, k)")
@@ -394,7 +464,8 @@ def eval_command(p: argparse.ArgumentParser):
                       grid_path=grid, progress=not args.no_progress)
 
         if args.images is not None:
-            given = [f"--{n.replace('_', '-')}" for n in ("model", "steps", "timesteps", "guidance", "prompts", "save_images")
+            given = [f"--{n.replace('_', '-')}" for n in ("model", "steps", "timesteps", "guidance", "prompts", "save_images",
+                                                          "sampler")
                      if getattr(args, n) is not None]
             if given:
                 raise UserError(f"--images scores an existing folder; it cannot be combined with {', '.join(given)}")
@@ -419,12 +490,13 @@ def eval_command(p: argparse.ArgumentParser):
 
             quiet_libraries()
             pipe = SprintPipeline.from_pretrained(folder, device=pick_device(args.device))
+            pipe = with_sampler(pipe, args.sampler)  # before any generation: a student + --sampler is a user error
             result = evaluate(pipe, [records[i] for i in keep], steps=args.steps, guidance=args.guidance, seed=args.seed,
                               images_per_prompt=args.images_per_prompt, batch=args.batch, timesteps=timesteps,
                               save_dir=save_dir, indices=keep, **common)
-            result = {**result, "model": str(folder), "kind": pipe.kind}
-        order = ["overall", "tasks", "n_images", "fd_shapes", "model", "kind", "images", "steps", "guidance", "seed",
-                 "timesteps", "wall_s"]
+            result = {**result, "model": str(folder), "kind": pipe.kind, "sampler": sampler_name(pipe)}
+        order = ["overall", "tasks", "n_images", "fd_shapes", "model", "kind", "sampler", "images", "steps", "guidance",
+                 "seed", "timesteps", "wall_s"]
         result = {k: result[k] for k in order if k in result} | {k: v for k, v in result.items() if k not in order}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")

@@ -162,13 +162,29 @@ class SprintControlNet(nn.Module):
 
     # -- persistence --------------------------------------------------------------------------------
 
-    def save_pretrained(self, folder: str | Path) -> None:
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None,
+                        extra: dict[str, Any] | None = None) -> None:
+        """Write ``controlnet_config.json`` + safetensors weights (cast to ``dtype`` if given, e.g. fp16).
+
+        ``extra`` (JSON-able: the condition type, training settings) is stored in the config under
+        ``"sprint"``; loading ignores it.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {"_class_name": type(self).__name__, "num_blocks": self.num_blocks, "base_config": self.base_config}
+        if extra:
+            config["sprint"] = extra
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=list) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(folder / WEIGHTS_NAME))
+
+    @staticmethod
+    def read_config(folder: str | Path) -> dict[str, Any]:
+        """The folder's ``controlnet_config.json`` (``"sprint"`` holds what :meth:`save_pretrained` got as ``extra``)."""
+        path = Path(folder) / CONFIG_NAME
+        if not path.is_file():
+            raise ModelFolderError(f"{folder}: not a ControlNet folder (missing {CONFIG_NAME})")
+        return json.loads(path.read_text())
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, base: SanaTransformer2DModel | None = None) -> SprintControlNet:

@@ -257,6 +257,7 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128  # listen backlog; socketserver's 5 resets connections when 50 clients connect at once
 
 
 def make_server(engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> Server:

@@ -5,7 +5,8 @@ A checkpoint is a directory ``ckpt-{step:07d}/`` holding
 - ``modules/{name}.safetensors``: state dicts of the named modules, dtypes kept exactly (trainable
   weights are fp32 by design; nothing is down-cast, so resume is bit-exact),
 - ``state.pt``: optimisers, LR schedulers, RNG states (python, numpy, torch CPU, CUDA, named
-  ``torch.Generator`` objects) and a JSON-able ``extra`` dict (step counters, data position, ...),
+  ``torch.Generator`` objects; in a multi-process run one set per rank under ``rng_ranks``, written
+  by the main process) and a JSON-able ``extra`` dict (step counters, data position, ...),
 - ``meta.json``: step, file list and the run config (for humans and for ``latest_checkpoint``).
 
 It is written into ``ckpt-{step:07d}.tmp/`` and renamed in one ``os.replace``: a run killed at any
@@ -131,8 +132,13 @@ def save_checkpoint(
     extra: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
     keep_last: int | None = None,
+    rank_rng: list[Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and return its directory; then keep only the last ``keep_last``."""
+    """Write checkpoint ``step`` atomically and return its directory; then keep only the last ``keep_last``.
+
+    ``rank_rng``: the :func:`rng_state` of every rank of a multi-process run (rank order); the
+    caller's own RNG state is saved as ``rng`` either way.
+    """
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / checkpoint_name(step)
@@ -154,6 +160,8 @@ def save_checkpoint(
         "rng": rng_state(generators),
         "extra": dict(extra or {}),
     }
+    if rank_rng is not None:
+        state["rng_ranks"] = [dict(r) for r in rank_rng]
     torch.save(state, tmp / STATE_FILE)
     _fsync_file(tmp / STATE_FILE)
     meta = {"step": int(step), "modules": sorted((modules or {}).keys()), "files": files + [STATE_FILE],
@@ -191,8 +199,13 @@ def load_checkpoint(
     generators: Mapping[str, torch.Generator] | None = None,
     restore_rng: bool = True,
     map_location: str | torch.device = "cpu",
+    rank: int = 0,
 ) -> dict[str, Any]:
-    """Restore everything :func:`save_checkpoint` wrote into the given objects; returns ``{"step", "extra"}``.
+    """Restore everything :func:`save_checkpoint` wrote into the given objects.
+
+    Returns ``{"step", "extra"}``. ``rank`` picks the RNG state of that rank when the checkpoint
+    holds per-rank states; rank 0 falls back to ``rng``; another rank of a checkpoint without its
+    state restores no RNG (the caller re-seeds that rank).
 
     Every named module / optimiser / scheduler must be in the checkpoint (strict): a resumed run that
     silently re-initialises a network is worse than one that stops.
@@ -213,7 +226,11 @@ def load_checkpoint(
                 raise KeyError(f"checkpoint {path} has no {kind[:-1]} {name!r}")
             obj.load_state_dict(state[kind][name])
     if restore_rng:
-        set_rng_state(state["rng"], generators)
+        ranks = state.get("rng_ranks")
+        if ranks is not None and rank < len(ranks):
+            set_rng_state(ranks[rank], generators)
+        elif rank == 0:
+            set_rng_state(state["rng"], generators)
     return {"step": int(state["step"]), "extra": state["extra"]}
 
 

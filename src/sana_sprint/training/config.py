@@ -204,6 +204,9 @@ class TrainerConfig(ConfigBase):
     progress: bool = True  # tqdm bar
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time; 0 = no limit
+    # Recompute the transformer blocks of the trained networks in backward (less activation memory,
+    # ~1 extra forward). Never active inside the sCM JVP (it runs under no_grad with checkpointing off).
+    gradient_checkpointing: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -244,6 +247,8 @@ class TeacherConfig(TrainerConfig):
     max_length: int = 32
     preset: Literal["shapes_teacher", "tiny"] = "shapes_teacher"
     model: dict = dataclasses.field(default_factory=lambda: dict(SHAPES_TEACHER_OVERRIDES))  # preset overrides
+    timestep_scale: float = 1.0  # time fed as t * scale: 1 = dense time; 1000 = legacy SANA (see finetune-teacher)
+    qk_norm: bool = True  # QK RMS-norm in every attention; off only for legacy teachers
     batch: int = 64
     lr: float = 5e-4
     lr_schedule: Literal["constant", "cosine"] = "cosine"
@@ -265,7 +270,7 @@ class TeacherConfig(TrainerConfig):
     def validate(self) -> None:
         super().validate()
         _positive(self, "cache_samples", "resolution", "max_length", "batch", "lr", "logit_std", "flow_shift",
-                   "sample_steps", "sample_count")
+                   "sample_steps", "sample_count", "timestep_scale")
         _non_negative(self, "warmup", "weight_decay", "sample_guidance")
         if self.resolution % 8:
             raise ConfigError(f"resolution: must be a multiple of 8, got {self.resolution}")

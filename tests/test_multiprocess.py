@@ -1,0 +1,321 @@
+"""Multi-process training (training/distributed.py) on CPU with gloo, launched by ``accelerate launch``.
+
+Fast tests (in-process): rank slicing of the data, gradient checkpointing never active inside the
+JVP. Slow test (``-m slow``; two processes started once, ~1-3 min on a shared 2-core box):
+
+1. Exactness of the infrastructure: a small regression method whose per-sample noise is carried by
+   the data (so its randomness does not depend on the rank) trained on 2 processes x 4 rows matches
+   a 1-process run with batch 8: the same logged loss per step (relative 1e-5) and the same weights
+   after 5 steps (abs 1e-6, float32) with gradient clipping active (clip after the reduction).
+2. Distillation (sCM + LADD, tiny Sana) on 2 processes with gradient checkpointing: weights stay
+   bit-identical across ranks, the ranks draw different noise, a run stopped after its step-2
+   checkpoint and resumed ends bit-identical to the uninterrupted 4-step run, checkpoints are written
+   once (by the main process) and hold both ranks' RNG states.
+
+Run the worker by hand: ``accelerate launch --multi_gpu --num_processes 2 tests/test_multiprocess.py OUT``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+TOY_STEPS = 5
+TOY_BATCH = 8  # global
+DISTILL_STEPS = 4
+DISTILL_BATCH = 4  # global: 2 rows per rank
+
+
+# --- shared by the worker and the tests -----------------------------------------------------------
+
+
+class ToyData:
+    """64 rows of (x [6], noise [6], y [1]) from a fixed seed; ``batch(indices)`` as LatentDataset."""
+
+    def __init__(self, n: int = 64):
+        g = torch.Generator().manual_seed(123)
+        self.x = torch.randn(n, 6, generator=g)
+        self.noise = torch.randn(n, 6, generator=g)
+        self.y = torch.sin(self.x.sum(1, keepdim=True))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batch(self, indices):
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return {"x": self.x[idx], "noise": self.noise[idx], "y": self.y[idx], "index": idx}
+
+
+def toy_method():
+    from sana_sprint.training.trainer import Method
+
+    class Toy(Method):
+        def __init__(self):
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 1))
+            self.opt = torch.optim.AdamW(self.net.parameters(), lr=3e-2)
+
+        def state_modules(self):
+            return {"net": self.net}
+
+        def optimizers(self):
+            return {"net": self.opt}
+
+        def train_step(self, batch, step, opt):
+            pred = self.net(batch["x"] + 0.3 * batch["noise"])
+            loss = (pred - batch["y"]).square().mean()  # a per-sample mean: the global mean over ranks
+            opt.step(loss, "net")
+            return {"loss": loss.item()}
+
+    return Toy()
+
+
+def toy_run(out: Path, steps: int = TOY_STEPS) -> None:
+    from sana_sprint.data.latents import LatentLoader
+    from sana_sprint.training.config import TrainerConfig
+    from sana_sprint.training.trainer import Trainer
+
+    cfg = TrainerConfig(out=str(out), steps=steps, log_every=1, ckpt_every=steps, sample_every=0, progress=False,
+                        device="cpu", bf16=False, grad_clip=0.05)  # the clip is active: pre-clip norms are ~1
+    Trainer(toy_method(), LatentLoader(ToyData(), TOY_BATCH, seed=7), cfg).fit()
+
+
+class DistillData:
+    """32 random latent rows with 3 captions' random embeddings (no encoders needed)."""
+
+    def __init__(self, n: int = 32, length: int = 8, hidden: int = 32):
+        from conftest import IMAGE_SIZE, LATENT_CHANNELS
+
+        g = torch.Generator().manual_seed(5)
+        self.latents = torch.randn(n, LATENT_CHANNELS, IMAGE_SIZE // 4, IMAGE_SIZE // 4, generator=g)
+        self.embeds = torch.randn(3, length, hidden, generator=g)
+        self.mask = torch.ones(3, length, dtype=torch.long)
+        self.mask[1, 5:] = 0
+        self.null = (torch.randn(1, length, hidden, generator=g), torch.ones(1, length, dtype=torch.long))
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def batch(self, indices):
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        c = idx % 3
+        return {"latents": self.latents[idx], "embeds": self.embeds[c], "mask": self.mask[c], "index": idx}
+
+
+def distill_run(out: Path, steps: int, resume: bool = False):
+    from conftest import IMAGE_SIZE, LATENT_CHANNELS, tiny_transformer
+
+    from sana_sprint.data.latents import LatentLoader
+    from sana_sprint.training.distill import DistillConfig, DistillMethod
+    from sana_sprint.training.trainer import Trainer, seed_everything
+
+    cfg = DistillConfig(out=str(out), steps=steps, batch=DISTILL_BATCH, log_every=1, ckpt_every=2, keep_last=0,
+                        sample_every=0, progress=False, device="cpu", bf16=False, lr=1e-3, lr_d=1e-3,
+                        grad_clip=1.0, tangent_warmup=0, resume=resume, gradient_checkpointing=True)
+    data = DistillData()
+    seed_everything(cfg.seed)
+    method = DistillMethod(cfg, tiny_transformer(guidance_embeds=False, seed=5), scaling_factor=0.41407,
+                           latent_shape=(LATENT_CHANNELS, IMAGE_SIZE // 4, IMAGE_SIZE // 4), null=data.null)
+    trainer = Trainer(method, LatentLoader(data, cfg.batch, cfg.seed), cfg)
+    trainer.fit()
+    return method, trainer
+
+
+def module_digest(modules) -> str:
+    h = hashlib.sha256()
+    for name in sorted(modules):
+        for k, v in sorted(modules[name].state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted((ckpt_dir / "modules").glob("*.safetensors")):
+        out.update({f"{f.stem}.{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+def losses(run: Path, key: str = "loss") -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r[key] for r in rows]
+
+
+# --- the worker (one per rank) --------------------------------------------------------------------
+
+
+def worker(out: Path) -> None:
+    torch.set_num_threads(1)
+    from sana_sprint.training import distributed
+
+    dist = distributed.setup("cpu")
+    assert dist.world_size == 2, dist.world_size
+    toy_run(out / "toy2")
+
+    method, trainer = distill_run(out / "uninterrupted", DISTILL_STEPS)
+    digests = dist.gather_object(module_digest(method.state_modules()))
+    # What rank r draws next from the method's generator (it must differ between ranks).
+    draws = dist.gather_object(torch.rand(4, generator=method.gen).tolist())
+    distill_run(out / "resumed", 2)  # stops after its step-2 checkpoint
+    method_r, _ = distill_run(out / "resumed", DISTILL_STEPS, resume=True)
+    digests_r = dist.gather_object(module_digest(method_r.state_modules()))
+    if dist.is_main_process:
+        (out / "result.json").write_text(json.dumps({
+            "world_size": dist.world_size, "digests": digests, "digests_resumed": digests_r, "draws": draws,
+        }))
+    dist.barrier()
+
+
+# --- tests ----------------------------------------------------------------------------------------
+
+
+def test_rank_shard_splits_the_global_batch_exactly():
+    from sana_sprint.data.latents import LatentLoader
+    from sana_sprint.training.distributed import RankShard
+
+    ds = ToyData()
+    ref = LatentLoader(ds, 8, seed=3)
+    shards = [RankShard(LatentLoader(ds, 8, seed=3), r, 2) for r in range(2)]
+    for _ in range(10):  # spans an epoch boundary (64 rows)
+        full = next(ref)
+        parts = [next(s) for s in shards]
+        assert [len(p["index"]) for p in parts] == [4, 4]
+        assert torch.equal(torch.cat([p["index"] for p in parts]), full["index"])
+        assert torch.equal(torch.cat([p["x"] for p in parts]), full["x"])
+    assert shards[1].state_dict() == ref.state_dict()
+    # generic iterables of dict batches are sliced after loading
+    batches = iter([{"a": torch.arange(6), "b": ["p", "q", "r", "s", "t", "u"]}])
+    got = next(RankShard(batches, 1, 3))
+    assert torch.equal(got["a"], torch.tensor([2, 3])) and got["b"] == ["r", "s"]
+    from sana_sprint.errors import UserError
+
+    with pytest.raises(UserError, match="does not split evenly"):
+        next(RankShard(LatentLoader(ds, 5, seed=3), 0, 2))
+
+
+def test_gradient_checkpointing_is_off_inside_the_jvp():
+    """The sCM JVP is bit-identical with checkpointing enabled; the gradient forward does recompute."""
+    from conftest import IMAGE_SIZE, LATENT_CHANNELS, TEXT_HIDDEN, tiny_transformer
+
+    from sana_sprint.losses.scm import student_jvp
+    from sana_sprint.models.wrapper import TrigFlowTransformer
+
+    torch.set_num_threads(1)
+    net = TrigFlowTransformer(tiny_transformer(guidance_embeds=True, seed=1)).train()
+    g = torch.Generator().manual_seed(0)
+    shape = (3, LATENT_CHANNELS, IMAGE_SIZE // 4, IMAGE_SIZE // 4)
+    x_s, dxds = torch.randn(shape, generator=g) * 0.5, torch.randn(shape, generator=g)
+    s = torch.tensor([0.3, 0.9, 1.4])
+    ehs, mask, w = torch.randn(3, 8, TEXT_HIDDEN, generator=g), torch.ones(3, 8, dtype=torch.long), torch.tensor([4.0, 4.5, 5.0])
+
+    def grads():
+        """Gradients of a plain training forward, and how many tensors autograd saved for backward."""
+        net.zero_grad(set_to_none=True)
+        saved = [0]
+
+        def pack(t):
+            saved[0] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = net(x_s / 0.5, s, ehs, mask, guidance=w)
+        out.square().mean().backward()
+        return [p.grad.clone() for p in net.parameters() if p.grad is not None], saved[0]
+
+    ref_jvp = student_jvp(net, x_s, s, dxds, ehs, mask, w)
+    ref_grads, ref_saved = grads()
+    net.transformer.enable_gradient_checkpointing()
+    jvp = student_jvp(net, x_s, s, dxds, ehs, mask, w)
+    assert net.transformer.gradient_checkpointing  # switched back on after the JVP
+    for a, b in zip(jvp, ref_jvp):
+        assert torch.equal(a, b)
+    ck_grads, ck_saved = grads()
+    assert ck_saved < ref_saved / 2  # checkpointing is really active in the gradient forward (blocks not saved)
+    for a, b in zip(ck_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_trainer_flag_enables_checkpointing_on_trained_networks():
+    from conftest import tiny_transformer
+
+    from sana_sprint.training.config import TrainerConfig
+    from sana_sprint.training.trainer import Trainer
+
+    m = toy_method()
+    m.net = tiny_transformer(guidance_embeds=False)
+    m.opt = torch.optim.SGD(m.net.parameters(), lr=0.1)
+    Trainer(m, iter([]), TrainerConfig(out="unused", device="cpu", gradient_checkpointing=True))
+    assert m.net.gradient_checkpointing
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(Path(__file__).resolve()), str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=HERE, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_global_batch(two_process_run, tmp_path):
+    toy_run(tmp_path / "toy1")  # the 1-process reference, batch 8
+    one, two = losses(tmp_path / "toy1"), losses(two_process_run / "toy2")
+    assert len(one) == len(two) == TOY_STEPS  # one metrics row per step: written by the main process only
+    np.testing.assert_allclose(two, one, rtol=1e-5)
+    assert one[-1] < one[0]
+    w1 = checkpoint_tensors(tmp_path / "toy1" / "checkpoints" / f"ckpt-{TOY_STEPS:07d}")
+    w2 = checkpoint_tensors(two_process_run / "toy2" / "checkpoints" / f"ckpt-{TOY_STEPS:07d}")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-6)
+    # The clip really acted (else clipping before vs after the reduction would not be tested).
+    rows = [json.loads(x) for x in (two_process_run / "toy2" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm/net"] > 0.05 for r in rows)
+
+
+@pytest.mark.slow
+def test_two_process_distillation_stays_in_sync_and_resumes_exactly(two_process_run):
+    res = json.loads((two_process_run / "result.json").read_text())
+    assert res["world_size"] == 2
+    assert res["digests"][0] == res["digests"][1]  # identical weights on both ranks after 4 steps
+    assert res["draws"][0] != res["draws"][1]  # independent noise per rank
+    assert res["digests_resumed"] == res["digests"]  # stop at 2 + resume to 4 == uninterrupted 4
+    u, r = two_process_run / "uninterrupted", two_process_run / "resumed"
+    assert losses(r) == losses(u) and len(losses(u)) == DISTILL_STEPS
+    assert all(np.isfinite(losses(u)))
+    for step in (2, 4):
+        a = checkpoint_tensors(u / "checkpoints" / f"ckpt-{step:07d}")
+        b = checkpoint_tensors(r / "checkpoints" / f"ckpt-{step:07d}")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(u / "checkpoints" / f"ckpt-{DISTILL_STEPS:07d}" / "state.pt", weights_only=True)
+    assert len(state["rng_ranks"]) == 2 and state["extra"]["world_size"] == 2
+    assert not any(p.name.endswith((".tmp", ".old")) for p in (u / "checkpoints").iterdir())
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    worker(Path(sys.argv[1]))
