@@ -7,8 +7,13 @@ Generator (student) term, per batch:
     L_adv_G = -mean(D(x_D/sd, s_D, y))                          grad flows through the frozen teacher
 Discriminator term (hinge): 0.5 (mean relu(1 - D(real)) + mean relu(1 + D(fake))), fakes made
 without grad by the same rule; real and fake re-noised at independent s_D. Optional misaligned
-pairs add the real latents rolled by one in the batch, with the original prompts, as extra fakes.
+pairs add the real latents rolled by one within consecutive groups of ``misaligned_group`` samples
+(the discriminator's virtual-batch groups), with the original prompts, as extra fakes.
 Means are over every token logit of every head and every sample.
+
+Randomness: every draw takes ``generator``, a ``torch.Generator`` (or None: global RNG) or a
+``training.distributed.RankDraws`` (anything with ``rows(fn, n, segments)``), which draws the rows
+for the global batch of a multi-process run and keeps this rank's (see :func:`per_sample`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class LADDConfig:
     d_p_mean: float = LADD_P_MEAN  # discriminator re-noising times
     d_p_std: float = LADD_P_STD
     misaligned_pairs: bool = True
+    misaligned_group: int = 8  # rolled within groups of this many samples (= the discriminator's virtual batch)
     sigma_data: float = SIGMA_DATA
 
     def __post_init__(self):
@@ -37,6 +43,8 @@ class LADDConfig:
             raise ValueError(f"max_time_prob must be in [0, 1], got {self.max_time_prob}")
         if self.p_std <= 0 or self.d_p_std <= 0:
             raise ValueError("time distribution std must be > 0")
+        if self.misaligned_group < 1:
+            raise ValueError(f"misaligned_group must be >= 1, got {self.misaligned_group}")
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -54,30 +62,76 @@ def generator_adv_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean()
 
 
+def per_sample(fn, n: int, generator, segments: int = 1) -> torch.Tensor:
+    """``fn(rows, torch_generator)``: a tensor of ``rows`` per-sample draws. With a plain generator
+    (or None) this is ``fn(n, generator)``; with a ``RankDraws`` the draw is made for the global batch
+    and this rank's ``n`` rows are returned (``segments``: see ``RankDraws.rows``)."""
+    rows = getattr(generator, "rows", None)
+    if rows is not None:
+        return rows(fn, n, segments)
+    return fn(n, generator)
+
+
 def generator_time(n: int, config: LADDConfig, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """s_G: the sCM time distribution with max-time override (s = pi/2 exactly, with probability p)."""
-    s = lognormal_trig_time(n, config.p_mean, config.p_std, config.sigma_data, generator=generator)
-    return with_max_time(s, config.max_time_prob, generator=generator, max_time=HALF_PI).to(device or "cpu")
+
+    def draw(m, g):
+        s = lognormal_trig_time(m, config.p_mean, config.p_std, config.sigma_data, generator=g)
+        return with_max_time(s, config.max_time_prob, generator=g, max_time=HALF_PI)
+
+    return per_sample(draw, n, generator).to(device or "cpu")
 
 
-def discriminator_time(n: int, config: LADDConfig, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+def discriminator_time(n: int, config: LADDConfig, generator: torch.Generator | None = None, device=None,
+                       segments: int = 1) -> torch.Tensor:
     """s_D = arctan(exp(N(-0.6, 1)) / sd)."""
-    return lognormal_trig_time(n, config.d_p_mean, config.d_p_std, config.sigma_data, generator=generator, device=device)
+
+    def draw(m, g):
+        return lognormal_trig_time(m, config.d_p_mean, config.d_p_std, config.sigma_data, generator=g)
+
+    return per_sample(draw, n, generator, segments).to(device or "cpu")
 
 
-def misaligned(x0: torch.Tensor) -> torch.Tensor | None:
-    """Real latents rolled by one (paired with the original prompts = mismatched pairs); None for B = 1,
-    where rolling is the identity and the pair would be aligned."""
-    return torch.roll(x0, 1, dims=0) if x0.shape[0] > 1 else None
+def misaligned_index(b: int, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(src, dst) of the misaligned pairs of a batch of ``b``: real latent ``src[i]`` goes with prompt
+    ``dst[i]``. The batch is cut into consecutive groups of ``group`` samples (None: one group = the
+    whole batch; the last group may be smaller) and rolled by one within each group; a group of one
+    sample has no mismatched partner and contributes nothing. None when no pair is left (B = 1)."""
+    g = b if group is None else int(group)
+    src, dst = [], []
+    for start in range(0, b, g):
+        n = min(g, b - start)
+        if n > 1:
+            idx = torch.arange(start, start + n)
+            src.append(torch.roll(idx, 1))
+            dst.append(idx)
+    if not src:
+        return None
+    return torch.cat(src), torch.cat(dst)
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+def misaligned(x0: torch.Tensor, group: int | None = None) -> torch.Tensor | None:
+    """Real latents rolled by one within groups of ``group`` (see :func:`misaligned_index`; paired with
+    the original prompts ``dst`` = mismatched pairs); None for B = 1, where rolling is the identity."""
+    pairs = misaligned_index(x0.shape[0], group)
+    if pairs is None:
+        return None
+    src, dst = pairs
+    if len(dst) != x0.shape[0]:
+        raise ValueError("a group of one sample has no misaligned pair: use misaligned_index")
+    return x0[src.to(x0.device)]
 
 
-def renoise(x0: torch.Tensor, s: torch.Tensor, generator: torch.Generator | None, sigma_data: float = SIGMA_DATA):
+def _randn_like(x: torch.Tensor, generator, segments: int = 1) -> torch.Tensor:
+    def draw(m, g):
+        return torch.randn((m, *x.shape[1:]), generator=g, dtype=torch.float32)
+
+    return per_sample(draw, x.shape[0], generator, segments).to(x.device, x.dtype)
+
+
+def renoise(x0: torch.Tensor, s: torch.Tensor, generator, sigma_data: float = SIGMA_DATA, segments: int = 1):
     """x = cos s x0 + sin s sd z with fresh noise (training space)."""
-    return trigflow_noise(x0, sigma_data * _randn_like(x0, generator), s)
+    return trigflow_noise(x0, sigma_data * _randn_like(x0, generator, segments), s)
 
 
 # ----------------------------------------------------------------------------- network calls
@@ -150,14 +204,17 @@ def discriminator_loss(
     with torch.no_grad():
         fake, _ = student_sample(student, x0, ehs, mask, guidance, config, generator)
         fake_ehs, fake_mask = ehs, mask
-        shifted = misaligned(x0) if config.misaligned_pairs else None
-        if shifted is not None:
-            fake = torch.cat([fake, shifted])
-            fake_ehs, fake_mask = torch.cat([ehs, ehs]), torch.cat([mask, mask])
+        pairs = misaligned_index(b, config.misaligned_group) if config.misaligned_pairs else None
+        segments = 1
+        if pairs is not None:
+            src, dst = (i.to(x0.device) for i in pairs)
+            fake = torch.cat([fake, x0[src]])
+            fake_ehs, fake_mask = torch.cat([ehs, ehs[dst]]), torch.cat([mask, mask[dst]])
+            segments = 2 if len(dst) == b else 1  # [fakes; misaligned reals] (multi-process: always 2 x b)
         s_real = discriminator_time(b, config, generator, x0.device)
-        s_fake = discriminator_time(fake.shape[0], config, generator, x0.device)
+        s_fake = discriminator_time(fake.shape[0], config, generator, x0.device, segments)
         real_feats = disc.features(renoise(x0, s_real, generator, sd) / sd, s_real, ehs, mask)
-        fake_feats = disc.features(renoise(fake, s_fake, generator, sd) / sd, s_fake, fake_ehs, fake_mask)
+        fake_feats = disc.features(renoise(fake, s_fake, generator, sd, segments) / sd, s_fake, fake_ehs, fake_mask)
     real_logits = disc.head_logits([f.detach() for f in real_feats])
     fake_logits = disc.head_logits([f.detach() for f in fake_feats])
     loss, real, fake_term = hinge_d_loss(real_logits, fake_logits)

@@ -15,6 +15,12 @@ embedder, but it stays frozen at its zero-output initialisation, so the guidance
 effect; the student then learns the teacher's CFG at one fixed scale ``fixed_guidance`` (4.5). The
 model folder stays loadable by diffusers' ``SanaSprintPipeline``, which always passes a guidance.
 
+Multi-process runs equal the 1-process run with the same global ``--batch`` (up to float rounding):
+every per-sample draw (s, z, w, max-time choice, s_D, re-noising) is made for the global batch from
+``self.gen``, which has rank 0's state on every rank, and each rank keeps its own rows
+(``distributed.RankDraws``); the discriminator's virtual batch norm and the misaligned pairs work on
+groups of ``disc_group`` (8) contiguous samples, and the per-process batch must be whole groups.
+
 Checkpoints hold the student transformer, the logvar head (``logvar.safetensors``), the
 discriminator heads, both optimisers, the RNG and counters; the teacher is reloaded from its folder.
 ``export`` writes a pipeline folder (kind "student", default timesteps) with the student only.
@@ -49,7 +55,7 @@ from ..models.discriminator import Discriminator, feature_blocks
 from ..models.presets import make_student
 from ..models.wrapper import TrigFlowTransformer
 from ..sampling import consistency, randn
-from ..timesteps import DEFAULT_SCHEDULES, LADD_P_MEAN, LADD_P_STD, SCM_P_MEAN, SCM_P_STD
+from ..timesteps import DEFAULT_SCHEDULES, LADD_P_MEAN, LADD_P_STD, SCM_P_MEAN, SCM_P_STD, lognormal_trig_time
 from ..trigflow import SIGMA_DATA, consistency_fn
 from .config import ConfigError, TrainerConfig, _non_negative, _positive
 from .trainer import Method, Stepper, Trainer, resolve_device, seed_everything
@@ -83,6 +89,9 @@ class DistillConfig(TrainerConfig):
     tangent_warmup: int = 1000  # generator updates (official 4000 counts G+D updates = 2000 here)
     misaligned_pairs: bool = True
     disc_heads: int = 4
+    # samples per group of the discriminator's virtual batch norm and of the misaligned-pair roll;
+    # with N processes the per-process batch (batch / N) must be a multiple of it
+    disc_group: int = 8
     batch: int = 32
     lr: float = 1e-4  # student (+ logvar head)
     lr_d: float = 1e-4  # discriminator heads
@@ -104,7 +113,12 @@ class DistillConfig(TrainerConfig):
     def validate(self) -> None:
         super().validate()
         _positive(self, "cache_samples", "batch", "lr", "lr_d", "p_std", "d_p_std", "sample_count",
-                  "default_steps", "disc_heads")
+                  "default_steps", "disc_heads", "disc_group")
+        if self.misaligned_pairs and self.disc_group < 2:
+            raise ConfigError("disc_group: misaligned pairs need groups of >= 2 samples (or --no-misaligned-pairs)")
+        from .distributed import launched_world_size
+
+        check_process_batch(self.batch, launched_world_size(), self.disc_group)
         if not self.controlnet and (self.student_init or self.control_train != "auto" or self.control_cache):
             raise ConfigError("student_init / control_train / control_cache: only with controlnet (--controlnet DIR)")
         _non_negative(self, "ladd_weight", "tangent_warmup", "weight_decay", "fixed_guidance", "sample_guidance")
@@ -136,7 +150,23 @@ class DistillConfig(TrainerConfig):
     def ladd_config(self) -> ladd_lib.LADDConfig:
         return ladd_lib.LADDConfig(max_time_prob=self.max_time_prob, p_mean=self.p_mean, p_std=self.p_std,
                                    d_p_mean=self.d_p_mean, d_p_std=self.d_p_std,
-                                   misaligned_pairs=self.misaligned_pairs)
+                                   misaligned_pairs=self.misaligned_pairs, misaligned_group=self.disc_group)
+
+
+def check_process_batch(batch: int, world_size: int, group: int) -> None:
+    """With several processes: ``batch`` (global) splits evenly and each process's share is whole groups.
+
+    The discriminator's batch statistics and the misaligned pairs work on groups of ``group``
+    consecutive samples; a group crossing a process boundary would make the run differ from a
+    1-process run with the same global batch.
+    """
+    if world_size <= 1:
+        return
+    if batch % world_size:
+        raise ConfigError(f"batch: the global batch {batch} does not split evenly over {world_size} processes")
+    if (batch // world_size) % group:
+        raise ConfigError(f"batch: the per-process batch {batch // world_size} (= {batch} / {world_size} processes) "
+                          f"must be a multiple of disc_group {group}")
 
 
 def _make_optimizer(cfg: DistillConfig, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -203,13 +233,17 @@ class DistillMethod(Method):
 
             self.control_train = resolve_control_train(cfg.control_train, student_base is not None)
             self.teacher, self.student = attach_controlnet(self.teacher, self.student, controlnet, self.control_train)
-        self.disc = Discriminator(self.teacher, feature_blocks(teacher.config.num_layers, cfg.disc_heads)).to(self.device)
+        self.disc = Discriminator(self.teacher, feature_blocks(teacher.config.num_layers, cfg.disc_heads),
+                                  virtual_batch=cfg.disc_group).to(self.device)
         self.null = (null[0].to(self.device, torch.float32), null[1].to(self.device))
 
         g_params = [p for p in self.student.parameters() if p.requires_grad]
         self.opt_g = _make_optimizer(cfg, g_params, cfg.lr)
         self.opt_d = _make_optimizer(cfg, list(self.disc.parameters()), cfg.lr_d)
-        self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # every training draw (s, z, w, s_D, max-time)
+        # Every training draw (s, z, w, s_D, max-time). The same state on every rank: draws are made for
+        # the global batch and each rank keeps its rows (RankDraws), so N processes == 1 process.
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self._dist = None  # the process group's view, bound at the first training step
 
     @property
     def num_parameters(self) -> dict[str, int]:
@@ -232,6 +266,28 @@ class DistillMethod(Method):
     def generators(self) -> dict[str, torch.Generator]:
         return {"distill": self.gen}
 
+    def _bind_distributed(self, local_batch: int) -> None:
+        """First step: the process group (identity for one process), the per-process batch check and
+        rank 0's generator state on every rank (also after a resume on a different number of processes)."""
+        if self._dist is None:
+            from .distributed import setup
+
+            self._dist = setup(self.cfg.device)
+            self._dist.sync_generators(self.generators())
+        if self._dist.enabled and local_batch % self.cfg.disc_group:
+            check_process_batch(local_batch * self._dist.world_size, self._dist.world_size, self.cfg.disc_group)
+
+    def draws(self):
+        """This rank's view of the method generator: per-sample draws for the global batch (RankDraws)."""
+        from .distributed import RankDraws
+
+        d = self._dist
+        return RankDraws(self.gen, d.rank, d.world_size) if d is not None and d.enabled else self.gen
+
+    def _guidance(self, b: int, draws) -> torch.Tensor:
+        scales = self.scm_cfg.guidance_scales
+        return ladd_lib.per_sample(lambda m, g: scm_lib.sample_guidance(m, scales, g), b, draws).to(self.device)
+
     def generator_loss(self, x0: torch.Tensor, ehs: torch.Tensor, mask: torch.Tensor, step: int):
         """(total loss scalar, logs) of the G phase.
 
@@ -242,17 +298,23 @@ class DistillMethod(Method):
         cfg, logs = self.cfg, {}
         sd = self.sigma_data
         b = x0.shape[0]
-        w = scm_lib.sample_guidance(b, self.scm_cfg.guidance_scales, self.gen).to(self.device)
+        draws = self.draws()
+        w = self._guidance(b, draws)
         use_adv = cfg.uses_ladd and cfg.ladd_weight > 0
         xs, ss, n_scm = [], [], 0
         if cfg.uses_scm:
+            sc = self.scm_cfg
+            s = ladd_lib.per_sample(lambda m, g: lognormal_trig_time(m, sc.p_mean, sc.p_std, sd, generator=g), b, draws)
+            noise = ladd_lib.per_sample(lambda m, g: torch.randn((m, *x0.shape[1:]), generator=g, dtype=torch.float32),
+                                        b, draws)
             tg = scm_lib.scm_targets(self.student, self.teacher, x0, ehs, mask, *self.null, step=step,
-                                     config=self.scm_cfg, generator=self.gen, w=w, student_guidance=True)
+                                     config=sc, s=s.to(self.device), noise=noise.to(self.device), w=w,
+                                     student_guidance=True)
             xs.append(tg.x_s)
             ss.append(tg.s)
             n_scm = b
         if use_adv:
-            x_G, s_G = ladd_lib.generator_draws(x0, self.ladd_cfg, self.gen)
+            x_G, s_G = ladd_lib.generator_draws(x0, self.ladd_cfg, draws)
             xs.append(x_G)
             ss.append(s_G)
         k = len(xs)
@@ -270,7 +332,7 @@ class DistillMethod(Method):
         if use_adv:
             x0_hat = consistency_fn(x_G, F[n_scm:], s_G, sd)
             adv, adv_logs = ladd_lib.adversarial_g_loss(self.student, self.disc, x0, ehs, mask, w, self.ladd_cfg,
-                                                        self.gen, x0_hat=x0_hat)
+                                                        draws, x0_hat=x0_hat)
             total = total + cfg.ladd_weight * adv
             logs.update(adv_logs)
             logs["loss_adv_g"] = adv.item()
@@ -293,8 +355,9 @@ class DistillMethod(Method):
         """D phase: hinge loss of the heads on real latents vs student samples (no grad to the student)."""
         self.student.eval()
         self.disc.train()
-        w = scm_lib.sample_guidance(x0.shape[0], self.scm_cfg.guidance_scales, self.gen).to(self.device)
-        loss_d, logs = ladd_lib.discriminator_loss(self.student, self.disc, x0, ehs, mask, w, self.ladd_cfg, self.gen)
+        draws = self.draws()
+        w = self._guidance(x0.shape[0], draws)
+        loss_d, logs = ladd_lib.discriminator_loss(self.student, self.disc, x0, ehs, mask, w, self.ladd_cfg, draws)
         logs["loss_d"] = loss_d.item()
         logs["skipped_d"] = float(not opt.step(loss_d, "discriminator"))
         return logs
@@ -309,6 +372,7 @@ class DistillMethod(Method):
         from .controlnet import bind_control
 
         x0, ehs, mask = self.prepare_batch(batch)
+        self._bind_distributed(x0.shape[0])
         with bind_control(self, batch):  # ControlNet path: the batch's control reaches teacher, student and D
             logs = self.generator_step(x0, ehs, mask, step, opt)
             if self.cfg.uses_ladd:

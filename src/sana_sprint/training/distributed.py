@@ -32,18 +32,23 @@ processes. What the :class:`~sana_sprint.training.trainer.Trainer` does with mor
   broadcasts every state module from rank 0 anyway (after a resume too).
 - **Randomness**: rank 0 keeps the configured seeds (a 1-process run is unchanged); rank r > 0
   re-seeds the method's generators and the global RNGs with seeds derived from (seed, r), so ranks
-  draw independent noise / times. Checkpoints store every rank's RNG state.
+  draw independent noise / times. Checkpoints store every rank's RNG state. A method may instead
+  keep a generator identical on all ranks (``sync_generators``) and draw global-batch rows with
+  :class:`RankDraws` (the distillation method does: exact equality with one process).
 - **Files**: checkpoints, ``metrics.jsonl`` (scalars averaged over ranks), ``loss.png``, sample
   grids and exported folders are written by the main process only; every rank resumes from the
   same checkpoint.
 
 Exact equivalence with a 1-process run of the same global batch therefore holds for the data, the
 gradient reduction and the update, and for the losses whenever the method's random draws do not
-depend on the rank (tests/test_multiprocess.py checks it with per-sample noise carried by the data).
-The distillation method draws its noise from one generator per process, so a 2-process
-distillation run is a statistically equivalent, not bitwise identical, run to a 1-process one; it
-also has two batch-coupled terms (the discriminator's virtual batch norm over groups of 8 and the
-misaligned pairs rolled by one within the batch) that see the per-rank batch.
+depend on the rank. The distillation method makes its draws rank-independent with
+:class:`RankDraws`: one generator, in the same state on every rank (:meth:`Distributed.sync_generators`),
+draws every per-sample quantity (times, noise, guidance, max-time choices) for the *global* batch
+and each rank keeps its own rows, so the union over ranks is the 1-process draw. Its batch-coupled
+terms (the discriminator's virtual batch norm and the misaligned pairs) act on fixed groups of
+``disc_group`` contiguous samples, which never cross a rank boundary because the per-rank batch
+must be a multiple of ``disc_group``. A 2-process distillation run then equals the 1-process run
+with the same global batch up to float rounding (tests/test_multiprocess.py measures it).
 
 FSDP is not supported: sharded parameters would bypass the explicit all-reduce and the JVP runs the
 student under ``torch.func.jvp``, which FSDP's wrapped forward does not support. Gradient
@@ -241,6 +246,40 @@ class Distributed:
         torch.manual_seed(s)
         for g in generators.values():
             g.manual_seed(derive_seed(g.initial_seed(), self.rank))
+
+
+    def sync_generators(self, generators: Mapping[str, torch.Generator]) -> None:
+        """Give every rank rank 0's generator states (collective; call on all ranks at the same point)."""
+        if not self.enabled or not generators:
+            return
+        states = self.gather_object({k: g.get_state() for k, g in generators.items()})[0]
+        for k, g in generators.items():
+            g.set_state(states[k])
+
+
+class RankDraws:
+    """Per-sample random draws made for the global batch, of which this rank keeps its own rows.
+
+    ``generator`` must be in the same state on every rank. ``rows(fn, n)`` calls
+    ``fn(n * world_size, generator)`` (a tensor whose rows are per-sample draws) and returns rows
+    ``[rank*n, (rank+1)*n)``: every rank advances the generator identically and the ranks' rows
+    together are exactly what one process with the global batch draws. With ``segments = k`` the
+    local batch is k stacked blocks of ``n/k`` samples (e.g. [fakes; misaligned reals]) and the global
+    draw is laid out the same way ([all ranks' fakes; all ranks' misaligned reals]). With one process
+    ``rows`` is just ``fn(n, generator)``.
+    """
+
+    def __init__(self, generator: torch.Generator | None, rank: int = 0, world_size: int = 1):
+        self.generator, self.rank, self.world_size = generator, int(rank), int(world_size)
+
+    def rows(self, fn, n: int, segments: int = 1) -> torch.Tensor:
+        if self.world_size == 1:
+            return fn(n, self.generator)
+        if n % segments:
+            raise ValueError(f"{n} rows do not split into {segments} equal segments")
+        t = fn(n * self.world_size, self.generator)
+        m = n // segments
+        return t.reshape(segments, self.world_size, m, *t.shape[1:])[:, self.rank].reshape(n, *t.shape[1:])
 
 
 _CURRENT: Distributed | None = None
