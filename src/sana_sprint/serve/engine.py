@@ -155,7 +155,9 @@ def load_engine(model: str | None = None, controlnet: str | None = None, device:
     else:
         logger.warning("no --controlnet given: scribbles drive a RANDOM UNTRAINED ControlNet (shows the data path only)")
         net, random_cn = random_controlnet(pipe.transformer), True
-    from ..fast import optimize_pipeline
+    from ..fast import convs_as_linear, optimize_pipeline
 
     pipe = optimize_pipeline(pipe)  # exact fast paths (fp32 on CPU): see sana_sprint.fast
+    if net is not None:
+        convs_as_linear(net)  # the ControlNet's copied blocks get the same exact 1x1-conv fast path
     return Engine(pipe, net, random_model=random_model, random_controlnet=random_cn, model_name=name)
