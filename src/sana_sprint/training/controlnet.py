@@ -392,7 +392,10 @@ def run(args: argparse.Namespace) -> int:
     n = method.num_parameters
     logger.info("controlnet: %.2f M trainable (base %.2f M frozen), %d cached samples, condition %s",
                 n["controlnet"] / 1e6, n["base"] / 1e6, len(data), cfg.condition)
-    Trainer(method, data.loader(cfg.batch, cfg.seed), cfg, device).fit()
+    trainer = Trainer(method, data.loader(cfg.batch, cfg.seed), cfg, device)
+    trainer.fit()
+    if not trainer.is_main_process:  # multi-process run: only the main process exports
+        return 0
     out = Path(cfg.export) if cfg.export else Path(cfg.out) / "export"
     method.export(out)
     print(f"exported ControlNet to {out}")

@@ -183,8 +183,11 @@ def finetune(cfg: FinetuneConfig, text_encoder=None) -> Path:
         method.transformer.load_state_dict(converted.state_dict())
         method.ema.shadow.load_state_dict(converted.state_dict())
     del legacy, converted
-    Trainer(method, data.loader(cfg.batch, cfg.seed), cfg, device).fit()  # --resume restores the checkpoint
+    trainer = Trainer(method, data.loader(cfg.batch, cfg.seed), cfg, device)
+    trainer.fit()  # --resume restores the checkpoint
     out = Path(cfg.export) if cfg.export else Path(cfg.out) / "export"
+    if not trainer.is_main_process:  # multi-process run: only the main process exports
+        return out
     method.export(out)
     sprint_path = out / "sprint_config.json"
     info = json.loads(sprint_path.read_text())
