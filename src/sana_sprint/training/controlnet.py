@@ -392,13 +392,9 @@ def run(args: argparse.Namespace) -> int:
     n = method.num_parameters
     logger.info("controlnet: %.2f M trainable (base %.2f M frozen), %d cached samples, condition %s",
                 n["controlnet"] / 1e6, n["base"] / 1e6, len(data), cfg.condition)
-    trainer = Trainer(method, data.loader(cfg.batch, cfg.seed), cfg, device)
-    trainer.fit()
-    if not trainer.is_main_process:  # multi-process run: only the main process exports
-        return 0
-    out = Path(cfg.export) if cfg.export else Path(cfg.out) / "export"
-    method.export(out)
-    print(f"exported ControlNet to {out}")
+    out = Trainer(method, data.loader(cfg.batch, cfg.seed), cfg, device).fit_and_export()
+    if out is not None:
+        print(f"exported ControlNet to {out}")
     return 0
 
 

@@ -543,13 +543,9 @@ def run(args: argparse.Namespace) -> int:
     n = method.num_parameters
     logger.info("distill: student %.2f M, heads %.2f M parameters, %d cached samples, loss=%s",
                 n["student"] / 1e6, n["heads"] / 1e6, len(data), cfg.loss)
-    trainer = Trainer(method, data.loader(cfg.batch, cfg.seed), cfg, device)
-    trainer.fit()
-    if not trainer.is_main_process:  # multi-process run: only the main process exports
-        return 0
-    out = Path(cfg.export) if cfg.export else Path(cfg.out) / "export"
-    method.export(out)
-    print(f"exported student pipeline to {out}")
+    out = Trainer(method, data.loader(cfg.batch, cfg.seed), cfg, device).fit_and_export()
+    if out is not None:
+        print(f"exported student pipeline to {out}")
     return 0
 
 

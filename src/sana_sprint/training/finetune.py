@@ -184,11 +184,9 @@ def finetune(cfg: FinetuneConfig, text_encoder=None) -> Path:
         method.ema.shadow.load_state_dict(converted.state_dict())
     del legacy, converted
     trainer = Trainer(method, data.loader(cfg.batch, cfg.seed), cfg, device)
-    trainer.fit()  # --resume restores the checkpoint
-    out = Path(cfg.export) if cfg.export else Path(cfg.out) / "export"
-    if not trainer.is_main_process:  # multi-process run: only the main process exports
-        return out
-    method.export(out)
+    out = trainer.fit_and_export()  # --resume restores the checkpoint
+    if out is None:  # not the main process: the main one writes the folder
+        return trainer.export_folder()
     sprint_path = out / "sprint_config.json"
     info = json.loads(sprint_path.read_text())
     info[CONVERSION_KEY] = {"teacher": str(cfg.teacher), "timestep_scale": legacy_settings(method.transformer.config)[0],

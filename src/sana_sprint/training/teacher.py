@@ -258,13 +258,9 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(cfg.seed)
     method = TeacherMethod(cfg, data, device, vae=vae)
     logger.info("teacher: %.2f M parameters, %d cached samples", method.num_parameters / 1e6, len(data))
-    trainer = Trainer(method, data.loader(cfg.batch, cfg.seed), cfg, device)
-    trainer.fit()
-    if not trainer.is_main_process:  # multi-process run: only the main process exports
-        return 0
-    out = Path(cfg.export) if cfg.export else Path(cfg.out) / "export"
-    method.export(out)
-    print(f"exported teacher pipeline to {out}")
+    out = Trainer(method, data.loader(cfg.batch, cfg.seed), cfg, device).fit_and_export()
+    if out is not None:
+        print(f"exported teacher pipeline to {out}")
     return 0
 
 

@@ -392,6 +392,19 @@ class Trainer:
     def _lrs(self) -> dict[str, float]:
         return {f"lr/{k}": float(o.param_groups[0]["lr"]) for k, o in self.method.optimizers().items()}
 
+    def export_folder(self) -> Path:
+        """Where the trained model is exported: ``config.export``, else ``<out>/export``."""
+        return Path(self.config.export) if getattr(self.config, "export", None) else Path(self.config.out) / "export"
+
+    def fit_and_export(self) -> Path | None:
+        """:meth:`fit`, then ``method.export(export_folder())`` on the main process; None on the other ranks."""
+        self.fit()
+        if not self.is_main_process:  # multi-process run: only the main process exports
+            return None
+        out = self.export_folder()
+        self.method.export(out)
+        return out
+
     def fit(self) -> int:
         """Train to ``config.steps`` (resuming first when ``config.resume``); returns the final step.
 
