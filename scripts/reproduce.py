@@ -838,11 +838,7 @@ def plot_table2(res: dict, b: Budget, path: Path) -> bool:
         ax.set_xlabel("sampling steps")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"Table 2: teacher vs student (mean ± sd over sampling seeds {list(b.eval_seeds)})", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path, f"Table 2: teacher vs student (mean ± sd over sampling seeds {list(b.eval_seeds)})", 100)
     return True
 
 
@@ -877,12 +873,19 @@ def plot_ablations(res: dict, b: Budget, base: dict, path: Path) -> bool:
                 ax.set_title(title, fontsize=9)
                 ax.legend(fontsize=7)
             ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(f"Ablations: bars = mean ± sd over training seeds {list(b.seeds)}, dots = seeds", fontsize=10)
+    _save_figure(fig, path, f"Ablations: bars = mean ± sd over training seeds {list(b.seeds)}, dots = seeds", 90)
+    return True
+
+
+def _save_figure(fig, path: Path, title: str, dpi: int) -> None:
+    """Title, lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
-    return True
 
 
 def _docs_rel(p: Path, results_md: Path) -> str:

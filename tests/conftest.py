@@ -16,6 +16,8 @@ TEXT_HIDDEN = 32
 LATENT_CHANNELS = 4
 IMAGE_SIZE = 32  # tiny VAE compresses 4x -> 8x8 latents
 MAX_LENGTH = 8
+LATENT = (LATENT_CHANNELS, IMAGE_SIZE // 4, IMAGE_SIZE // 4)  # one tiny-VAE latent [C, h, w]
+TRAIN_PROMPTS = ["a red circle", "two blue squares", "a green triangle above a yellow circle"]
 
 # Tiny tensors: one intra-op thread is several times faster than two on a 2-core machine
 # (thread start-up dominates), and it keeps results independent of the core count.
@@ -67,6 +69,32 @@ def tiny_bert(vocab_size: int, seed: int = 0):
     return BertModel(cfg).eval()
 
 
+def save_tiny_pipeline(folder, text_encoder, transformer, kind: str = "teacher", vae_seed: int = 6):
+    """Save a SprintPipeline folder of ``transformer`` + :func:`tiny_vae` (``vae_seed``) at ``IMAGE_SIZE``; returns ``folder``."""
+    from sana_sprint.pipeline import SprintPipeline
+
+    pipe = SprintPipeline(text_encoder, transformer, tiny_vae(seed=vae_seed), {"kind": kind, "resolution": IMAGE_SIZE})
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def train_batch(text_encoder, seed: int = 0) -> dict:
+    """A training batch of the three :data:`TRAIN_PROMPTS`: random unit-std latents (as a cache stores them) + text."""
+    e, m = text_encoder.encode(TRAIN_PROMPTS)
+    lat = torch.randn(len(TRAIN_PROMPTS), *LATENT, generator=torch.Generator().manual_seed(seed)) / 0.41407
+    return {"latents": lat, "embeds": e, "mask": m}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run many small ops: one intra-op thread (restored afterwards) avoids oversubscribing a shared
+    2-core box. Opt in per module with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()
@@ -92,3 +120,12 @@ def transformer():
 @pytest.fixture
 def vae():
     return tiny_vae()
+
+
+@pytest.fixture(scope="module")
+def teacher_folder(tmp_path_factory, tokenizer, bert):
+    """A saved tiny teacher (no guidance embedding; transformer seed 5, VAE seed 6), one per test module."""
+    from sana_sprint.text import TextEncoder
+
+    te = TextEncoder(tokenizer, bert, max_length=MAX_LENGTH)
+    return save_tiny_pipeline(tmp_path_factory.mktemp("teacher"), te, tiny_transformer(guidance_embeds=False, seed=5))

@@ -7,21 +7,18 @@ import subprocess
 import sys
 
 import pytest
-from conftest import MAX_LENGTH, tiny_transformer, tiny_vae
+from conftest import MAX_LENGTH, save_tiny_pipeline, tiny_transformer
 from PIL import Image
 
 from sana_sprint import cli
-from sana_sprint.pipeline import SprintPipeline
 from sana_sprint.text import TextEncoder
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer, bert):
     folder = tmp_path_factory.mktemp("cli") / "tiny-sprint"
-    SprintPipeline(
-        TextEncoder(tokenizer, bert, max_length=MAX_LENGTH), tiny_transformer(), tiny_vae(), {"kind": "student", "resolution": 32}
-    ).save_pretrained(folder)
-    return folder
+    te = TextEncoder(tokenizer, bert, max_length=MAX_LENGTH)
+    return save_tiny_pipeline(folder, te, tiny_transformer(), kind="student", vae_seed=0)
 
 
 def _one_line_error(capsys, code):
@@ -125,3 +122,45 @@ def test_random_demo_model_subprocess(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "RANDOM UNTRAINED" in r.stderr
     assert Image.open(out).size == (128, 64)
+
+
+# Commands whose ``--help`` must not import torch (``distill``, ``prepare-data`` and ``train-controlnet``
+# build their parsers from modules that import torch at top level).
+LIGHT_HELP = [[], ["generate"], ["train-teacher"], ["train-vae"], ["finetune-teacher"], ["serve"], ["bench"],
+              ["eval"], ["eval-control"]]
+
+
+def test_help_does_not_import_torch():
+    script = f"""
+import sys
+from sana_sprint import cli
+for args in {LIGHT_HELP!r}:
+    code = cli.main([*args, "--help"])
+    heavy = sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules)
+    print(args, code, heavy)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in r.stdout.splitlines() if x.startswith("[")]
+    assert lines == [f"{args} 0 []" for args in LIGHT_HELP], r.stdout
+    assert "train-controlnet" in r.stdout and "eval-control" in r.stdout  # every command is listed
+
+
+def test_lazy_parser_matches_the_full_one():
+    import importlib
+
+    for module in cli.COMMAND_MODULES:
+        importlib.import_module(module)
+    # The source scan finds exactly what importing registers.
+    declared = sorted(c for m in cli.COMMAND_MODULES for c in cli.declared_commands(m))
+    registered = sorted((c.name, c.help) for c in cli.COMMANDS.values() if c.setup.__module__ in cli.COMMAND_MODULES)
+    assert declared == registered and len(declared) >= 10
+
+    def sub(parser):
+        return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    full = cli.build_parser()
+    assert cli.build_parser(["--help"]).format_help() == full.format_help()
+    for name, p in sub(full).items():
+        assert sub(cli.build_parser([name, "--help"]))[name].format_help() == p.format_help(), name
+    assert cli.declared_commands("sana_sprint.errors") is None  # no commands: imported, never guessed

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SIZE, MAX_LENGTH, tiny_transformer, tiny_vae
+from conftest import IMAGE_SIZE, MAX_LENGTH, save_tiny_pipeline, tiny_transformer
 from diffusers import SanaSprintPipeline, SCMScheduler
 
 from sana_sprint.pipeline import SprintPipeline
@@ -28,15 +28,9 @@ class _CustomTimestepSCM(SCMScheduler):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, tokenizer, bert):
-    ours = SprintPipeline(
-        TextEncoder(tokenizer, bert, max_length=MAX_LENGTH),
-        tiny_transformer(guidance_embeds=True, seed=3),
-        tiny_vae(seed=4),
-        {"kind": "student", "resolution": IMAGE_SIZE},
-    )
-    folder = tmp_path_factory.mktemp("sprint")
-    ours.save_pretrained(folder)
-    return folder
+    te = TextEncoder(tokenizer, bert, max_length=MAX_LENGTH)
+    student = tiny_transformer(guidance_embeds=True, seed=3)
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sprint"), te, student, kind="student", vae_seed=4)
 
 
 def _gens(n, seed=10):

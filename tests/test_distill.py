@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SIZE, LATENT_CHANNELS, MAX_LENGTH, tiny_transformer, tiny_vae
+from conftest import IMAGE_SIZE, LATENT, MAX_LENGTH, TRAIN_PROMPTS, train_batch
 from diffusers import SanaSprintPipeline
 from safetensors.torch import load_file
 
@@ -17,30 +17,7 @@ from sana_sprint.training import checkpoint as ckpt
 from sana_sprint.training.distill import DistillConfig, DistillMethod, SamplePrompts, load_teacher_folder
 from sana_sprint.training.trainer import Stepper, Trainer
 
-PROMPTS = ["a red circle", "two blue squares", "a green triangle above a yellow circle"]
-LATENT = (LATENT_CHANNELS, IMAGE_SIZE // 4, IMAGE_SIZE // 4)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny models run many small ops: one thread avoids oversubscribing a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def teacher_folder(tmp_path_factory, tokenizer, bert):
-    pipe = SprintPipeline(
-        TextEncoder(tokenizer, bert, max_length=MAX_LENGTH),
-        tiny_transformer(guidance_embeds=False, seed=5),
-        tiny_vae(seed=6),
-        {"kind": "teacher", "resolution": IMAGE_SIZE},
-    )
-    folder = tmp_path_factory.mktemp("teacher")
-    pipe.save_pretrained(folder)
-    return folder
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _method(folder, te: TextEncoder, **overrides) -> DistillMethod:
@@ -48,24 +25,18 @@ def _method(folder, te: TextEncoder, **overrides) -> DistillMethod:
                            "tangent_warmup": 0, "sample_count": 2, "progress": False, **overrides})
     cfg.validate()
     teacher, vae, _ = load_teacher_folder(folder, "cpu")
-    e, m = te.encode(PROMPTS[:2])
+    e, m = te.encode(TRAIN_PROMPTS[:2])
     torch.manual_seed(0)  # head initialisation: equal for every method built here
     return DistillMethod(
         cfg, teacher, scaling_factor=vae.config.scaling_factor, latent_shape=LATENT, null=te.null_embedding(),
-        vae=vae, prompts=SamplePrompts(e, m, PROMPTS[:2]), teacher_dir=folder,
+        vae=vae, prompts=SamplePrompts(e, m, TRAIN_PROMPTS[:2]), teacher_dir=folder,
     )
-
-
-def _batch(te: TextEncoder, seed=0):
-    e, m = te.encode(PROMPTS)
-    lat = torch.randn(len(PROMPTS), *LATENT, generator=torch.Generator().manual_seed(seed)) / 0.41407
-    return {"latents": lat, "embeds": e, "mask": m}
 
 
 @pytest.mark.parametrize("cfg_embed", [True, False])
 def test_student_equals_teacher_at_step_0(teacher_folder, text_encoder, cfg_embed):
     method = _method(teacher_folder, text_encoder, cfg_embed=cfg_embed)
-    b = _batch(text_encoder)
+    b = train_batch(text_encoder)
     x = torch.randn(3, *LATENT, generator=torch.Generator().manual_seed(1))
     s = torch.tensor([0.2, 1.0, 1.5707964])
     with torch.no_grad():
@@ -85,7 +56,7 @@ def test_student_equals_teacher_at_step_0(teacher_folder, text_encoder, cfg_embe
 def test_short_scm_run_lowers_loss(teacher_folder, text_encoder):
     method = _method(teacher_folder, text_encoder, loss="scm")
     stepper = Stepper(method.optimizers(), {}, method.cfg.grad_clip, "cpu")
-    batch = _batch(text_encoder)
+    batch = train_batch(text_encoder)
     losses = []
     for step in range(30):
         method.gen.manual_seed(123)  # same (s, z, w) every step: only the weights change
@@ -100,7 +71,7 @@ def test_short_scm_run_lowers_loss(teacher_folder, text_encoder):
 def test_g_step_updates_student_only_and_d_step_heads_only(teacher_folder, text_encoder):
     method = _method(teacher_folder, text_encoder, loss="both")
     stepper = Stepper(method.optimizers(), {}, method.cfg.grad_clip, "cpu")
-    x0, e, m = method.prepare_batch(_batch(text_encoder))
+    x0, e, m = method.prepare_batch(train_batch(text_encoder))
     snap = lambda mod: {k: v.clone() for k, v in mod.state_dict().items()}  # noqa: E731
     changed = lambda a, b: any(not torch.equal(a[k], b[k]) for k in a)  # noqa: E731
     st, hd, te = snap(method.student), snap(method.disc.heads), snap(method.teacher)
@@ -116,7 +87,7 @@ def test_g_step_updates_student_only_and_d_step_heads_only(teacher_folder, text_
 
 
 def _batches(te):
-    b = _batch(te)
+    b = train_batch(te)
     while True:
         yield b
 
@@ -172,11 +143,11 @@ def test_export_loads_in_both_pipelines(tmp_path, teacher_folder, text_encoder, 
     ours = SprintPipeline.from_pretrained(out)
     assert ours.kind == "student"
     gens = lambda: [torch.Generator().manual_seed(7 + i) for i in range(2)]  # noqa: E731
-    mine = ours(PROMPTS[:2], steps=2, guidance_scale=4.5, generator=gens(), output_type="pt").images
+    mine = ours(TRAIN_PROMPTS[:2], steps=2, guidance_scale=4.5, generator=gens(), output_type="pt").images
     pipe = SanaSprintPipeline.from_pretrained(out, text_encoder=bert, tokenizer=tokenizer)
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(
-        PROMPTS[:2], num_inference_steps=2, guidance_scale=4.5, height=IMAGE_SIZE, width=IMAGE_SIZE,
+        TRAIN_PROMPTS[:2], num_inference_steps=2, guidance_scale=4.5, height=IMAGE_SIZE, width=IMAGE_SIZE,
         generator=gens(), output_type="pt", use_resolution_binning=False, max_sequence_length=MAX_LENGTH,
         complex_human_instruction=None,
     ).images

@@ -13,33 +13,15 @@ import math
 
 import pytest
 import torch
-from conftest import IMAGE_SIZE, LATENT_CHANNELS, MAX_LENGTH, tiny_transformer, tiny_vae
+from conftest import LATENT, train_batch
 
 from sana_sprint.losses import ladd as ladd_lib
-from sana_sprint.pipeline import SprintPipeline
 from sana_sprint.text import TextEncoder
 from sana_sprint.training import checkpoint as ckpt
 from sana_sprint.training.distill import DistillConfig, DistillMethod, load_teacher_folder
 from sana_sprint.training.trainer import Stepper, Trainer
 
-PROMPTS = ["a red circle", "two blue squares", "a green triangle above a yellow circle"]
-LATENT = (LATENT_CHANNELS, IMAGE_SIZE // 4, IMAGE_SIZE // 4)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def teacher_folder(tmp_path_factory, tokenizer, bert):
-    folder = tmp_path_factory.mktemp("teacher")
-    SprintPipeline(TextEncoder(tokenizer, bert, max_length=MAX_LENGTH), tiny_transformer(guidance_embeds=False, seed=5),
-                   tiny_vae(seed=6), {"kind": "teacher", "resolution": IMAGE_SIZE}).save_pretrained(folder)
-    return folder
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _method(folder, te: TextEncoder, **overrides) -> DistillMethod:
@@ -50,12 +32,6 @@ def _method(folder, te: TextEncoder, **overrides) -> DistillMethod:
     torch.manual_seed(0)
     return DistillMethod(cfg, teacher, scaling_factor=vae.config.scaling_factor, latent_shape=LATENT,
                          null=te.null_embedding())
-
-
-def _batch(te: TextEncoder, seed: int = 0) -> dict:
-    e, m = te.encode(PROMPTS)
-    lat = torch.randn(len(PROMPTS), *LATENT, generator=torch.Generator().manual_seed(seed)) / 0.41407
-    return {"latents": lat, "embeds": e, "mask": m}
 
 
 def _params(method: DistillMethod, which: str) -> dict[str, torch.Tensor]:
@@ -111,7 +87,7 @@ def _inject(method: DistillMethod, monkeypatch, target: str, fault: str):
 def test_non_finite_update_is_skipped_and_state_untouched(teacher_folder, text_encoder, monkeypatch, target, fault):
     method = _method(teacher_folder, text_encoder)
     stepper = Stepper(method.optimizers(), {}, method.cfg.grad_clip, "cpu")
-    batch = _batch(text_encoder)
+    batch = train_batch(text_encoder)
     method.train_step(batch, 0, stepper)  # a normal step first: both optimisers hold moment estimates
     other = "discriminator" if target == "generator" else "generator"
     opt, opt_other = method.optimizers()[target], method.optimizers()[other]
@@ -147,10 +123,10 @@ def test_nan_batch_skips_both_updates(teacher_folder, text_encoder):
     """A batch with a NaN latent (bad data): both losses are NaN, both updates skipped, nothing moves."""
     method = _method(teacher_folder, text_encoder)
     stepper = Stepper(method.optimizers(), {}, method.cfg.grad_clip, "cpu")
-    method.train_step(_batch(text_encoder), 0, stepper)
+    method.train_step(train_batch(text_encoder), 0, stepper)
     before = {w: _params(method, w) for w in ("generator", "discriminator")}
     states = {w: _opt_state(o) for w, o in method.optimizers().items()}
-    bad = _batch(text_encoder, seed=1)
+    bad = train_batch(text_encoder, seed=1)
     bad["latents"][1, 0, 2, 3] = math.nan
     logs = method.train_step(bad, 1, stepper)
     assert logs["skipped_g"] == logs["skipped_d"] == 1.0
@@ -192,7 +168,7 @@ def test_skips_are_logged_checkpointed_and_training_continues(tmp_path, teacher_
 
     monkeypatch.setattr(method, "generator_step", generator_step)
     monkeypatch.setattr(method, "discriminator_step", discriminator_step)
-    batch = _batch(text_encoder)
+    batch = train_batch(text_encoder)
     trainer = Trainer(method, iter(lambda: batch, None), method.cfg, torch.device("cpu"))
     assert trainer.fit() == 5
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

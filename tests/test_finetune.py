@@ -7,7 +7,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SIZE, LATENT_CHANNELS, MAX_LENGTH, TEXT_HIDDEN, tiny_transformer, tiny_vae
+from conftest import (
+    IMAGE_SIZE,
+    LATENT,
+    MAX_LENGTH,
+    TEXT_HIDDEN,
+    save_tiny_pipeline,
+    tiny_transformer,
+    tiny_vae,
+)
 
 from sana_sprint import cli
 from sana_sprint.errors import UserError
@@ -20,15 +28,7 @@ from sana_sprint.training.finetune import FinetuneConfig, convert_legacy_teacher
 from sana_sprint.training.teacher import teacher_model_config
 
 RMS_EPS = 1e-5  # diffusers Attention's default eps, used by its qk RMSNorm
-LATENT = (LATENT_CHANNELS, IMAGE_SIZE // 4, IMAGE_SIZE // 4)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def legacy_transformer(seed: int = 3):
@@ -49,11 +49,6 @@ def _raw(transformer, x, e, m, timestep):
     return transformer(x, encoder_hidden_states=e, encoder_attention_mask=m, timestep=timestep, return_dict=False)[0]
 
 
-def _save_folder(folder, transformer, text_encoder, kind="teacher"):
-    SprintPipeline(text_encoder, transformer, tiny_vae(seed=6), {"kind": kind, "resolution": IMAGE_SIZE}).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def te(tokenizer, bert):
     return TextEncoder(tokenizer, bert, max_length=MAX_LENGTH)
@@ -61,7 +56,7 @@ def te(tokenizer, bert):
 
 @pytest.fixture(scope="module")
 def legacy_folder(tmp_path_factory, te):
-    return _save_folder(tmp_path_factory.mktemp("legacy") / "teacher", legacy_transformer(), te)
+    return save_tiny_pipeline(tmp_path_factory.mktemp("legacy") / "teacher", te, legacy_transformer())
 
 
 # --- legacy teachers and loaders -----------------------------------------------------------------
@@ -221,9 +216,9 @@ def _one_line_error(capsys, code):
 def test_cli_user_errors(capsys, tmp_path, te):
     line = _one_line_error(capsys, cli.main(["finetune-teacher", "--teacher", str(tmp_path / "nope"), "--out", str(tmp_path)]))
     assert "not found" in line
-    modern = _save_folder(tmp_path / "modern", tiny_transformer(guidance_embeds=False), te)
-    student = _save_folder(tmp_path / "student", tiny_transformer(guidance_embeds=True, timestep_scale=1000.0,
-                                                                   qk_norm=None), te, kind="student")
+    modern = save_tiny_pipeline(tmp_path / "modern", te, tiny_transformer(guidance_embeds=False))
+    student = save_tiny_pipeline(tmp_path / "student", te, tiny_transformer(guidance_embeds=True, timestep_scale=1000.0,
+                                                                            qk_norm=None), kind="student")
     capsys.readouterr()  # drop the saving progress bars
     line = _one_line_error(capsys, cli.main(["finetune-teacher", "--teacher", str(modern), "--out", str(tmp_path / "r")]))
     assert "nothing to convert" in line

@@ -19,14 +19,7 @@ from sana_sprint.models.discriminator import (
 
 SD = 0.5
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models, many small ops: one thread avoids oversubscribing a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_hinge_losses_match_hand_computation():

@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from mp_launch import accelerate_launch, checkpoint_tensors, losses
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
@@ -149,20 +147,6 @@ def module_digest(modules) -> str:
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def checkpoint_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted((ckpt_dir / "modules").glob("*.safetensors")):
-        out.update({f"{f.stem}.{k}": v for k, v in load_file(str(f)).items()})
-    return out
-
-
-def losses(run: Path, key: str = "loss") -> list[float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r[key] for r in rows]
 
 
 # --- the worker (one per rank) --------------------------------------------------------------------
@@ -370,21 +354,10 @@ def test_per_process_batch_must_be_whole_groups(monkeypatch):
         method._bind_distributed(3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(Path(__file__).resolve()), str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=HERE, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    accelerate_launch(Path(__file__), out)
     return out
 
 

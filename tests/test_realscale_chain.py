@@ -26,15 +26,7 @@ CAPTIONS = ["a red circle", "two blue squares", "purple triangle left of a green
 MAX_LENGTH = 16
 COMMON = ["--device", "cpu", "--no-bf16", "--no-progress", "--threads", "1"]
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]
 
 
 def _finite(module: torch.nn.Module) -> bool:

@@ -176,3 +176,20 @@ def test_cli_registration_and_port_check(capsys):
     assert "serve" in cli.COMMANDS
     assert cli.main(["serve", "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+def test_shipped_controlnet_lookup_prefers_the_model_folder_then_the_sibling(tmp_path):
+    from sana_sprint.serve.engine import shipped_controlnet
+
+    model = tmp_path / "shapes-sprint"
+    model.mkdir()
+    assert shipped_controlnet(model) is None
+    sibling = tmp_path / "shapes-sprint-controlnet"
+    sibling.mkdir()
+    assert shipped_controlnet(model) is None  # a folder without a ControlNet config is not one
+    (sibling / "controlnet_config.json").write_text("{}")
+    assert shipped_controlnet(model) == sibling
+    inner = model / "controlnet"
+    inner.mkdir()
+    (inner / "controlnet_config.json").write_text("{}")
+    assert shipped_controlnet(model) == inner

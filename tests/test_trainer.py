@@ -36,6 +36,36 @@ def test_ema_matches_closed_form():
     assert not any(p.requires_grad for p in ema.shadow.parameters())
 
 
+def test_ema_warmup_matches_product_form_and_forgets_a_zero_start():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2).double()
+    s0 = copy.deepcopy(net.state_dict())
+    d = 0.95
+    ema = EMA(net, d, warmup=True)
+    seq = []
+    for _ in range(200):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        seq.append(copy.deepcopy(net.state_dict()))
+        ema.update(net)
+    decays = [min(d, (1 + i) / (10 + i)) for i in range(len(seq))]
+    assert decays[0] == 0.1 and decays[-1] == d  # warm-up reaches the cap inside the run
+    for k in s0:
+        # independent recursion in float64: s_{i+1} = d_i s_i + (1 - d_i) p_i
+        ref = s0[k].clone()
+        for di, state in zip(decays, seq):
+            ref = di * ref + (1 - di) * state[k]
+        torch.testing.assert_close(ema.shadow.state_dict()[k], ref, rtol=1e-12, atol=1e-12)
+    # the start's weight is prod(d_i); with a fixed 0.999 it would be 0.999^700 ~ 0.50
+    warm = EMA(torch.nn.Linear(1, 1), 0.999, warmup=True)
+    weight_of_start = 1.0
+    for _ in range(700):
+        weight_of_start *= warm.current_decay()
+        warm.num_updates += 1
+    assert weight_of_start < 0.01 < 0.999**700
+
+
 class ToyMethod(Method):
     """Linear regression with optional NaN injection: step -> "loss" or "grad"."""
 

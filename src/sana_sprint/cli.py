@@ -11,8 +11,11 @@ Adding a subcommand (other modules do this):
             ...
         return run
 
-Put the decorated function in this file or in a module listed in :data:`COMMAND_MODULES` (imported
-by :func:`main`). Keep heavy imports (torch, diffusers) inside ``run`` so ``--help`` stays fast.
+Put the decorated function in this file or in a module listed in :data:`COMMAND_MODULES`. :func:`main`
+imports only the module of the command being run: the others are listed by reading their ``@command``
+lines from source (:func:`declared_commands`; give ``name`` and ``help`` as string literals or module
+constants, else the module is imported). Keep heavy imports (torch, diffusers) inside ``run`` (and out
+of the module's top level) so ``--help`` stays fast.
 User mistakes must raise :class:`sana_sprint.errors.UserError`: :func:`main` prints them as a
 single ``error: ...`` line on stderr and exits with status 2, never a traceback.
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,21 +246,102 @@ def generate_command(p: argparse.ArgumentParser):
 # --- entry point --------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _module_source(module: str) -> Path | None:
+    """The source file of a module, found without importing it or its packages (their imports may be heavy)."""
+    parts = module.split(".")
+    if parts[0] == __package__:
+        base = Path(__file__).parent.joinpath(*parts[1:])
+        for path in (base.with_suffix(".py"), base / "__init__.py"):
+            if path.is_file():
+                return path
+        return None
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec is not None and spec.origin and spec.origin.endswith(".py") else None
+
+
+def declared_commands(module: str) -> list[tuple[str, str]] | None:
+    """``(name, help)`` of every ``@command("name", help=...)`` in a module's source, read without importing it.
+
+    None when that is not possible (no source, no such decorator, or a name or help that is not a string
+    literal or a module-level string constant): the module must then be imported to know its commands.
+    """
+    import ast
+
+    path = _module_source(module)
+    if path is None:
+        return None
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    constants = {
+        t.id: node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+        for t in node.targets
+        if isinstance(t, ast.Name)
+    }
+
+    def text(node) -> str | None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value
+        return constants.get(node.id) if isinstance(node, ast.Name) else None
+
+    found = []
+    for fn in ast.walk(tree):
+        for dec in getattr(fn, "decorator_list", []) if isinstance(fn, ast.FunctionDef) else []:
+            f = dec.func if isinstance(dec, ast.Call) else None
+            if not ((isinstance(f, ast.Name) and f.id == "command") or (isinstance(f, ast.Attribute) and f.attr == "command")):
+                continue
+            args = [*dec.args, *(k.value for k in dec.keywords if k.arg in ("name", "help"))]
+            name, help_ = (text(a) for a in args[:2]) if len(args) >= 2 else (None, None)
+            if name is None or help_ is None:
+                return None
+            found.append((name, help_))
+    return found or None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``sana-sprint`` parser.
+
+    Without ``argv`` every module of :data:`COMMAND_MODULES` is imported and every command set up. With
+    ``argv`` only the module of the command it names is imported and only that command set up
+    (``sana-sprint --help`` imports none of them, so no torch): the other commands are listed by name and
+    help (from :func:`declared_commands` where their module is not imported), without their arguments.
+    """
     import importlib
 
+    chosen = argv[0] if argv and not argv[0].startswith("-") else None
+    order = list(COMMANDS)
+    listed: dict[str, str] = {}  # name -> help of commands whose module is not imported
     for module in COMMAND_MODULES:
-        importlib.import_module(module)
+        declared = None if argv is None or module in sys.modules else declared_commands(module)
+        if declared is None or any(name == chosen for name, _ in declared):
+            importlib.import_module(module)
+            order += [name for name in COMMANDS if name not in order]
+        else:
+            for name, help_ in declared:
+                if name not in listed and name not in order:
+                    listed[name] = help_
+                    order.append(name)
     parser = _Parser(prog="sana-sprint", description="SANA-Sprint: one-step text-to-image (sCM + LADD distillation)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for cmd in COMMANDS.values():
-        sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
-        sp.set_defaults(_run=cmd.setup(sp))
+    for name in order:
+        help_ = COMMANDS[name].help if name in COMMANDS else listed[name]
+        sp = sub.add_parser(name, help=help_, description=help_)
+        if argv is None or name == chosen:  # a command not chosen needs no arguments (its setup may import torch)
+            sp.set_defaults(_run=COMMANDS[name].setup(sp))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a one-line usage error (2)

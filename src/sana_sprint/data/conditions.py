@@ -33,23 +33,29 @@ SCRIBBLE_RADIUS = 1  # dilation of thin edges into scribble strokes (3 px wide)
 BINARY_THRESHOLD = 0.5  # user scribbles: stroke where the (inverted if needed) intensity exceeds this
 
 
-def to_gray(image: np.ndarray | Image.Image | torch.Tensor) -> np.ndarray:
-    """Any image -> float64 [H, W] in [0, 1].
-
-    Accepts uint8 ``[H, W]`` / ``[H, W, 3|4]``, float ``[H, W(, 3)]`` in [0, 1], a PIL image, or a torch
-    tensor ``[3, H, W]`` in [-1, 1] (the project's image convention).
-    """
+def _to_float(image, caller: str) -> np.ndarray:
+    """Any image (as :func:`to_gray` accepts) -> float64 array in [0, 1], ``[H, W]`` or ``[H, W, C]``."""
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, torch.Tensor):
         t = image.detach().float().cpu()
         if t.ndim == 4:
             if t.shape[0] != 1:
-                raise ValueError("to_gray takes one image, not a batch")
+                raise ValueError(f"{caller} takes one image, not a batch")
             t = t[0]
-        image = ((t.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy() if t.ndim == 3 else ((t.clamp(-1, 1) + 1) / 2).numpy()
+        t = (t.clamp(-1, 1) + 1) / 2
+        image = t.permute(1, 2, 0).numpy() if t.ndim == 3 else t.numpy()
     a = np.asarray(image)
-    a = a.astype(np.float64) / 255.0 if a.dtype == np.uint8 else a.astype(np.float64)
+    return a.astype(np.float64) / 255.0 if a.dtype == np.uint8 else a.astype(np.float64)
+
+
+def to_gray(image: np.ndarray | Image.Image | torch.Tensor) -> np.ndarray:
+    """Any image -> float64 [H, W] in [0, 1].
+
+    Accepts uint8 ``[H, W]`` / ``[H, W, 3|4]``, float ``[H, W(, 3)]`` in [0, 1], a PIL image, or a torch
+    tensor ``[3, H, W]`` in [-1, 1] (the project's image convention).
+    """
+    a = _to_float(image, "to_gray")
     if a.ndim == 3:
         a = a[..., :3]
         if a.shape[-1] == 1:
@@ -62,18 +68,7 @@ def to_gray(image: np.ndarray | Image.Image | torch.Tensor) -> np.ndarray:
 
 def to_channels(image) -> np.ndarray:
     """Any image (as :func:`to_gray` accepts) -> float64 [H, W, C] in [0, 1]: C = 3 for colour, 1 for grey."""
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    if isinstance(image, torch.Tensor):
-        t = image.detach().float().cpu()
-        if t.ndim == 4:
-            if t.shape[0] != 1:
-                raise ValueError("to_channels takes one image, not a batch")
-            t = t[0]
-        t = (t.clamp(-1, 1) + 1) / 2
-        image = t.permute(1, 2, 0).numpy() if t.ndim == 3 else t.numpy()
-    a = np.asarray(image)
-    a = a.astype(np.float64) / 255.0 if a.dtype == np.uint8 else a.astype(np.float64)
+    a = _to_float(image, "to_channels")
     if a.ndim == 2:
         return a[..., None]
     if a.ndim != 3:

@@ -20,7 +20,6 @@ student runs are paired.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -160,15 +159,14 @@ def evaluate_control(generate: Generate, records: Sequence[dict], size: int = 64
     if results is not None:
         results.extend(rows)
     if grid_path is not None and grid:
-        from sana_sprint.evaluation.run import caption_grid
+        from sana_sprint.evaluation.run import save_grid
 
         images, captions, correct = [], [], []
         for cond, img, row in grid:
             images += [cond, img]
             captions += ["condition", f"F1 {row['edge_f1']:.2f}: {row['prompt']}"]
             correct += [True, row["correct"]]
-        Path(grid_path).parent.mkdir(parents=True, exist_ok=True)
-        caption_grid(images, captions, correct).save(grid_path)
+        save_grid(grid_path, images, captions, correct)
     return out
 
 
@@ -219,15 +217,12 @@ def eval_control_command(p: argparse.ArgumentParser):
     p.add_argument("--out", required=True, help="result JSON (+ a PNG grid and a per-image JSONL next to it)")
 
     def run(args: argparse.Namespace) -> int:
-        out = Path(args.out)
-        if out.suffix.lower() != ".json":
-            raise UserError(f"--out must be a .json file, got {out}")
+        from sana_sprint.evaluation.run import check_guidance, check_positive, result_path, write_results
+
+        out = result_path(args.out)
         for name in ("steps", "num", "batch", "size"):
-            v = getattr(args, name)
-            if v is not None and v < 1:
-                raise UserError(f"--{name} must be >= 1, got {v}")
-        if args.guidance is not None and (not math.isfinite(args.guidance) or args.guidance < 0):
-            raise UserError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+            check_positive(name, getattr(args, name))
+        check_guidance(args.guidance)
         if args.eval_seed == 0:
             raise UserError("--eval-seed 0 is the training seed: held-out scenes need another seed")
         timesteps = parse_timesteps(args.timesteps)
@@ -256,11 +251,7 @@ def eval_control_command(p: argparse.ArgumentParser):
         result = evaluate_control(generate, records, size=size, condition=condition, seed=args.seed, batch=args.batch,
                                   results=rows, grid_path=out.with_suffix(".png"), progress=not args.no_progress)
         result = {**result, **meta, "condition": condition, "eval_seed": args.eval_seed, "seed": args.seed, "size": size}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        with open(out.with_suffix(".jsonl"), "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        write_results(out, result, rows)
         print(f"edge_f1={result['edge_f1']:.4f} {HEADLINE_TASK}={result[HEADLINE_TASK]:.4f} "
               f"shapes_eval={result['shapes_eval']:.4f} ({result['n']} images)")
         print(f"wrote {out}, {out.with_suffix('.png')} and {out.with_suffix('.jsonl')}")

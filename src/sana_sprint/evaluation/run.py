@@ -202,6 +202,50 @@ def caption_grid(images: Sequence[np.ndarray], captions: Sequence[str], correct:
 # --- teacher samplers ---------------------------------------------------------------------------
 
 
+def save_grid(path, images: Sequence[np.ndarray], captions: Sequence[str], correct: Sequence[bool] | None = None) -> None:
+    """Write :func:`caption_grid` of the images to ``path`` (a PNG), creating its folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    caption_grid(images, captions, correct).save(path)
+
+
+# --- results of the evaluation commands (``eval``, ``eval-control``) ---------------------------
+
+
+def result_path(value: str) -> Path:
+    """``--out`` of an evaluation command: a ``.json`` path (the PNG grid and per-image JSONL go next to it)."""
+    out = Path(value)
+    if out.suffix.lower() != ".json":
+        raise UserError(f"--out must be a .json file, got {out}")
+    return out
+
+
+def check_positive(name: str, value: int | None) -> None:
+    """``--name`` must be None (its default) or >= 1."""
+    if value is not None and value < 1:
+        raise UserError(f"--{name} must be >= 1, got {value}")
+
+
+def check_guidance(value: float | None) -> None:
+    """``--guidance`` must be None (the model's default) or a finite number >= 0."""
+    if value is not None and (not math.isfinite(value) or value < 0):
+        raise UserError(f"--guidance must be a finite number >= 0, got {value}")
+
+
+def write_results(out: Path, result: dict, rows: Sequence[dict] | None = None) -> list[Path]:
+    """Write ``result`` as indented JSON to ``out`` and, given ``rows``, one JSON line per row next to it
+    (``out.with_suffix(".jsonl")``). Returns the paths written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if rows is None:
+        return [out]
+    jsonl = out.with_suffix(".jsonl")
+    with open(jsonl, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return [out, jsonl]
+
+
 def _trigflow_euler_teacher_cls():
     from sana_sprint.pipeline import SprintPipeline
 
@@ -264,6 +308,12 @@ def sampler_name(pipe) -> str:
 # --- evaluation ---------------------------------------------------------------------------------
 
 
+def _fd_accumulator(fd_net, fd_reference: int, cache_dir) -> _FDAccumulator:
+    """FD_shapes accumulator for ``fd_net``: a loaded net, or a folder / None (:func:`load_fd_net`)."""
+    net = fd_net if (fd_net is not None and not isinstance(fd_net, str | Path)) else load_fd_net(fd_net)
+    return _FDAccumulator(net, fd_reference, cache_dir)
+
+
 def _finish(state: dict, fd_acc, t0: float, results: list | None, grid_path) -> dict:
     from sana_sprint.evaluation.geneval import summarize
 
@@ -275,8 +325,7 @@ def _finish(state: dict, fd_acc, t0: float, results: list | None, grid_path) -> 
         results.extend(state["rows"])
     if grid_path is not None and state["grid"]:
         imgs, caps, ok = zip(*state["grid"], strict=True)
-        Path(grid_path).parent.mkdir(parents=True, exist_ok=True)
-        caption_grid(imgs, caps, ok).save(grid_path)
+        save_grid(grid_path, imgs, caps, ok)
     return out
 
 
@@ -321,10 +370,7 @@ def evaluate(pipe, records: Sequence[dict], steps: int | None = None, guidance: 
     w = float(pipe.config["default_guidance"] if guidance is None else guidance)
     if not math.isfinite(w) or w < 0:
         raise UserError(f"guidance must be a finite number >= 0, got {guidance!r}")
-    fd_acc = None
-    if fd:
-        net = fd_net if (fd_net is not None and not isinstance(fd_net, str | Path)) else load_fd_net(fd_net)
-        fd_acc = _FDAccumulator(net, fd_reference, cache_dir)
+    fd_acc = _fd_accumulator(fd_net, fd_reference, cache_dir) if fd else None
 
     detector = detector or ShapesDetector()
     t0 = time.perf_counter()
@@ -391,10 +437,7 @@ def evaluate_folder(folder, limit: int | None = None, fd: bool = False, *, fd_ne
 
     items = _folder_items(folder)
     items = [items[i] for i in balanced_subset([m["tag"] for _, m, _ in items], limit)]
-    fd_acc = None
-    if fd:
-        net = fd_net if (fd_net is not None and not isinstance(fd_net, str | Path)) else load_fd_net(fd_net)
-        fd_acc = _FDAccumulator(net, fd_reference, cache_dir)
+    fd_acc = _fd_accumulator(fd_net, fd_reference, cache_dir) if fd else None
     detector = detector or ShapesDetector()
     t0 = time.perf_counter()
     state: dict = {"rows": [], "grid": []}
@@ -420,11 +463,6 @@ def evaluate_folder(folder, limit: int | None = None, fd: bool = False, *, fd_ne
 # --- the command --------------------------------------------------------------------------------
 
 
-def _positive(name: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise UserError(f"--{name} must be >= 1, got {value}")
-
-
 @command("eval", help="score a model (or an image folder) on ShapesEval (GenEval protocol), optionally FD_shapes")
 def eval_command(p: argparse.ArgumentParser):
     p.add_argument("--model", default=None, help=f"teacher or student model folder, or a name in models/ (default: {DEFAULT_MODEL})")
@@ -448,15 +486,12 @@ def eval_command(p: argparse.ArgumentParser):
     p.add_argument("--out", required=True, help="result JSON (a PNG grid of samples is written next to it)")
 
     def run(args: argparse.Namespace) -> int:
-        out = Path(args.out)
-        if out.suffix.lower() != ".json":
-            raise UserError(f"--out must be a .json file, got {out}")
+        out = result_path(args.out)
         for name in ("steps", "images_per_prompt", "batch", "limit", "fd_reference"):
-            _positive(name.replace("_", "-"), getattr(args, name))
+            check_positive(name.replace("_", "-"), getattr(args, name))
         if args.fd and args.fd_reference < 2:
             raise UserError(f"--fd-reference must be >= 2, got {args.fd_reference}")
-        if args.guidance is not None and (not math.isfinite(args.guidance) or args.guidance < 0):
-            raise UserError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+        check_guidance(args.guidance)
         timesteps = parse_timesteps(args.timesteps)
         fd_net = load_fd_net(args.fd_net) if args.fd else None  # fail before any generation
         grid = out.with_suffix(".png")
@@ -498,8 +533,7 @@ def eval_command(p: argparse.ArgumentParser):
         order = ["overall", "tasks", "n_images", "fd_shapes", "model", "kind", "sampler", "images", "steps", "guidance",
                  "seed", "timesteps", "wall_s"]
         result = {k: result[k] for k in order if k in result} | {k: v for k, v in result.items() if k not in order}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_results(out, result)
         tasks = " ".join(f"{t}={v:.3f}" for t, v in result["tasks"].items())
         fd_txt = f" fd_shapes={result['fd_shapes']:.3f}" if "fd_shapes" in result else ""
         print(f"overall={result['overall']:.4f} ({result['n_images']} images) {tasks}{fd_txt}")

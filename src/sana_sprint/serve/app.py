@@ -279,7 +279,7 @@ def serve_command(p: argparse.ArgumentParser):
     p.add_argument("--host", default=DEFAULT_HOST, help="bind address (default: %(default)s; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s; 0 = any free)")
     p.add_argument("--model", default=None, help="model folder or name in models/ (default: shapes-sprint, else random)")
-    p.add_argument("--controlnet", default=None, help="ControlNet folder (default: a random untrained one)")
+    p.add_argument("--controlnet", default=None, help="ControlNet folder (default: MODEL/controlnet or the shipped MODEL-controlnet next to MODEL; else a random untrained one)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
 
     def run(args: argparse.Namespace) -> int:

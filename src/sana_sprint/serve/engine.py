@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -130,6 +131,15 @@ class Engine:
         )
 
 
+def shipped_controlnet(folder: Path) -> Path | None:
+    """The ControlNet that belongs to a model folder: ``<folder>/controlnet`` (a distilled Sprint-ControlNet
+    export) or the sibling ``<folder>-controlnet`` (how ``models/`` ships them); ``None`` if neither exists."""
+    for cand in (folder / "controlnet", folder.parent / f"{folder.name}-controlnet"):
+        if (cand / "controlnet_config.json").is_file():
+            return cand
+    return None
+
+
 def load_engine(model: str | None = None, controlnet: str | None = None, device: str | None = None) -> Engine:
     """Engine for a model folder/name (``None``: the default model if present, else a tiny random one)."""
     from ..cli import DEFAULT_MODEL, pick_device, quiet_libraries, random_demo_pipeline, resolve_model
@@ -150,6 +160,10 @@ def load_engine(model: str | None = None, controlnet: str | None = None, device:
         pipe = SprintPipeline.from_pretrained(folder, device=dev)
         name = str(folder)
     net, random_cn = None, False
+    if controlnet is None and folder is not None:
+        controlnet = shipped_controlnet(folder)
+        if controlnet is not None:
+            logger.info("scribbles use the ControlNet in %s", controlnet)
     if controlnet is not None:
         net = SprintControlNet.from_pretrained(controlnet, base=pipe.transformer)
     else:

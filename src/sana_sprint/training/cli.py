@@ -38,7 +38,7 @@ def distill_command(parser: argparse.ArgumentParser):
 
 @command("train-vae", help="train the small shapes-world AutoencoderDC (f8, 16 latent channels)")
 def train_vae_command(parser: argparse.ArgumentParser):
-    from .vae import add_args
+    from .vae_config import add_args
 
     add_args(parser)
 

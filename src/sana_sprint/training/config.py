@@ -207,6 +207,10 @@ class TrainerConfig(ConfigBase):
     # Recompute the transformer blocks of the trained networks in backward (less activation memory,
     # ~1 extra forward). Never active inside the sCM JVP (it runs under no_grad with checkpointing off).
     gradient_checkpointing: bool = False
+    # Multi-process runs: shard the trained transformer (weights, gradients, optimiser state) over the
+    # processes with FSDP, one unit per transformer block (training/fsdp.py; teacher training and
+    # distillation; not the ControlNet paths).
+    fsdp: bool = False
 
     def validate(self) -> None:
         super().validate()

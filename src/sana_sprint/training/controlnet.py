@@ -81,6 +81,7 @@ class ControlNetConfig(TrainerConfig):
     beta1: float = 0.9
     beta2: float = 0.99
     ema_decay: float = 0.999
+    ema_warmup: bool = True  # min(decay, (1+n)/(10+n)): the zero-initialised start must not linger
     caption_dropout: float = 0.1
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -150,7 +151,7 @@ class ControlNetMethod(Method):
         self.base = TrigFlowTransformer(base)
         self.controlnet = SprintControlNet.from_base(base, cfg.num_blocks).to(self.device, torch.float32)
         self.model = ControlledTrigFlow(self.base, self.controlnet, cfg.conditioning_scale)
-        self.ema = EMA(self.controlnet, cfg.ema_decay)
+        self.ema = EMA(self.controlnet, cfg.ema_decay, warmup=cfg.ema_warmup)
         self.ema_model = ControlledTrigFlow(self.base, self.ema.shadow, cfg.conditioning_scale)
         from .teacher import lr_lambda
 
@@ -388,7 +389,10 @@ def run(args: argparse.Namespace) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    method, data = build(cfg, device)
+    from .distributed import setup as setup_processes
+
+    with setup_processes(cfg.device).main_process_first():  # rank 0 builds missing latent / control caches first
+        method, data = build(cfg, device)
     n = method.num_parameters
     logger.info("controlnet: %.2f M trainable (base %.2f M frozen), %d cached samples, condition %s",
                 n["controlnet"] / 1e6, n["base"] / 1e6, len(data), cfg.condition)

@@ -25,6 +25,12 @@ Checkpoints hold the student transformer, the logvar head (``logvar.safetensors`
 discriminator heads, both optimisers, the RNG and counters; the teacher is reloaded from its folder.
 ``export`` writes a pipeline folder (kind "student", default timesteps) with the student only.
 
+``--fsdp`` (training/fsdp.py) shards the student wrapper (transformer blocks + a root unit with the
+rest and the logvar head); the teacher and the discriminator heads stay whole on every rank. For
+sample grids and the export every rank takes part in gathering a full-weight copy of the student
+(``fsdp_unsharded``, collective), which the main process alone then samples / exports. Not with
+``--controlnet``.
+
 With ``--controlnet DIR`` the same method distils a ControlNet teacher into a Sprint-ControlNet: the
 teacher becomes base + ControlNet, the student base + a trainable ControlNet copy, and each batch's
 control latents are bound to both (see ``training/controlnet.py`` for what trains and the export).
@@ -48,7 +54,7 @@ import torch
 from diffusers import AutoencoderDC, SanaTransformer2DModel
 from torch import nn
 
-from ..errors import ModelFolderError
+from ..errors import ModelFolderError, UserError
 from ..losses import ladd as ladd_lib
 from ..losses import scm as scm_lib
 from ..models.discriminator import Discriminator, feature_blocks
@@ -121,6 +127,9 @@ class DistillConfig(TrainerConfig):
         check_process_batch(self.batch, launched_world_size(), self.disc_group)
         if not self.controlnet and (self.student_init or self.control_train != "auto" or self.control_cache):
             raise ConfigError("student_init / control_train / control_cache: only with controlnet (--controlnet DIR)")
+        if self.fsdp and self.controlnet:
+            raise ConfigError("fsdp: not supported with controlnet (--controlnet); run it without --fsdp "
+                              "(data parallel, --gradient-checkpointing saves memory)")
         _non_negative(self, "ladd_weight", "tangent_warmup", "weight_decay", "fixed_guidance", "sample_guidance")
         if self.loss == "ladd" and self.ladd_weight == 0:
             raise ConfigError("ladd_weight: loss 'ladd' with ladd_weight 0 trains nothing")
@@ -265,6 +274,39 @@ class DistillMethod(Method):
 
     def generators(self) -> dict[str, torch.Generator]:
         return {"distill": self.gen}
+
+    def fsdp_modules(self) -> dict[str, nn.Module]:
+        """What ``--fsdp`` shards: the student wrapper, i.e. one unit per transformer block plus a root
+        unit with the rest of the transformer and the logvar head (so every generator parameter is a
+        shard, and the logvar head's time-embedding call runs inside the root forward). The frozen
+        teacher (sCM target and discriminator backbone) stays whole on every rank; the discriminator
+        heads stay replicated (gradients all-reduced)."""
+        if self.control_train is not None:
+            raise UserError("--fsdp: not supported with --controlnet (the Sprint-ControlNet student is not "
+                            "sharded); run it without --fsdp (data parallel, --gradient-checkpointing saves memory)")
+        return {"student": self.student}
+
+    @contextlib.contextmanager
+    def fsdp_unsharded(self, keep: bool):
+        """--fsdp, around sampling and export (the trainer enters it on every rank; collective): on ranks
+        with ``keep`` ``self.student`` is a full-weight snapshot of the sharded student (a plain
+        ``SanaTransformer2DModel`` + logvar head), so the main process samples and exports alone."""
+        from .fsdp import full_state_dict, unsharded_copy
+
+        sharded = self.student
+        plain = unsharded_copy(sharded.transformer, keep)
+        logvar = full_state_dict(sharded.logvar_linear, keep)
+        if plain is None:
+            yield sharded
+            return
+        view = TrigFlowTransformer(plain, sharded.sigma_data, logvar=True).to(self.device)
+        view.logvar_linear.load_state_dict(logvar)
+        view.train(sharded.training)
+        self.student = view
+        try:
+            yield view
+        finally:
+            self.student = sharded
 
     def _bind_distributed(self, local_batch: int) -> None:
         """First step: the process group (identity for one process), the per-process batch check and

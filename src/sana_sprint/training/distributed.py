@@ -50,10 +50,15 @@ terms (the discriminator's virtual batch norm and the misaligned pairs) act on f
 must be a multiple of ``disc_group``. A 2-process distillation run then equals the 1-process run
 with the same global batch up to float rounding (tests/test_multiprocess.py measures it).
 
-FSDP is not supported: sharded parameters would bypass the explicit all-reduce and the JVP runs the
-student under ``torch.func.jvp``, which FSDP's wrapped forward does not support. Gradient
-checkpointing (``--gradient-checkpointing``) is the memory lever that is; it is never active inside
-the JVP (``losses/scm.py`` turns it off and runs the JVP under ``no_grad``).
+``--fsdp`` (``training/fsdp.py``) shards a method's transformer with FSDP2 on top of this: sharded
+gradients are averaged by FSDP's reduce-scatter and skipped by the explicit all-reduce
+(:meth:`Distributed.average_gradients`), the global norm sums the shards (:func:`sharded_grad_norm`),
+sharded weights are not broadcast (:meth:`Distributed.broadcast_modules`; they are broadcast once,
+whole, before sharding) and checkpoints hold full tensors. Supported for teacher training
+(``train-teacher``) and distillation (``distill``, the student sharded, the sCM JVP runs through it);
+``--controlnet`` runs and ``train-controlnet`` refuse it (see ``fsdp.py``). Gradient checkpointing
+(``--gradient-checkpointing``) is the other memory lever; it is never active inside the sCM JVP
+(``losses/scm.py`` turns it off and runs the JVP under ``no_grad``).
 """
 
 from __future__ import annotations
@@ -194,6 +199,7 @@ class Distributed:
         that has none on any rank keeps ``grad = None`` (the optimiser then skips it, as it would in
         a single process).
         """
+        params = [p for p in params if not _is_dtensor(p)]  # FSDP shards: reduce-scattered (mean) in backward
         if not self.enabled or not params:
             return
         has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self._comm_device())
@@ -227,7 +233,7 @@ class Distributed:
         for name in sorted(modules):
             for t in list(modules[name].state_dict(keep_vars=True).values()):
                 data = t.data if isinstance(t, nn.Parameter) else t
-                if not isinstance(data, torch.Tensor):
+                if not isinstance(data, torch.Tensor) or _is_dtensor(data):  # FSDP shard: each rank owns its own
                     continue
                 buf = data.detach().to(comm).contiguous() if data.device != comm else data.detach().contiguous()
                 torch.distributed.broadcast(buf, src=src)
@@ -255,6 +261,35 @@ class Distributed:
         states = self.gather_object({k: g.get_state() for k, g in generators.items()})[0]
         for k, g in generators.items():
             g.set_state(states[k])
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def has_sharded(tensors: Sequence[torch.Tensor]) -> bool:
+    """True if any tensor is an FSDP shard (a ``DTensor``)."""
+    return any(_is_dtensor(t) for t in tensors)
+
+
+def sharded_grad_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of gradients some of which are FSDP shards (collective over the shards' mesh).
+
+    A shard contributes the squared norm of its local part, summed over ranks by one all-reduce;
+    a plain (replicated, already averaged) gradient counts once. Float32, like the 1-process norm.
+    """
+    sharded = [g for g in grads if _is_dtensor(g)]
+    plain = [g for g in grads if not _is_dtensor(g)]
+    dev = sharded[0].to_local().device
+    sq = torch.zeros((), dtype=torch.float32, device=dev)
+    for g in sharded:
+        sq = sq + torch.linalg.vector_norm(g.to_local().detach().float()).square()
+    torch.distributed.all_reduce(sq, group=sharded[0].device_mesh.get_group())
+    for g in plain:
+        sq = sq + torch.linalg.vector_norm(g.detach().float()).to(dev).square()
+    return sq.sqrt()
 
 
 class RankDraws:

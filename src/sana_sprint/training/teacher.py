@@ -27,6 +27,7 @@ from ..sampling import cfg_batched, flow_euler, randn
 from ..timesteps import flow_schedule
 from .config import TeacherConfig
 from .ema import EMA
+from .fsdp import gathered
 from .trainer import Method, Stepper, Trainer, resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,10 @@ class TeacherMethod(Method):
     def generators(self) -> dict[str, torch.Generator]:
         return {"loss": self.gen}
 
+    def fsdp_modules(self) -> dict[str, torch.nn.Module]:
+        """What ``--fsdp`` shards: the trained transformer (the EMA, sampling and export stay whole)."""
+        return {"transformer": self.transformer}
+
     def train_step(self, batch: dict, step: int, opt: Stepper) -> dict[str, Any]:
         x = batch["latents"].float() * self.scaling_factor  # unit-std flow space
         self.transformer.train()
@@ -141,7 +146,8 @@ class TeacherMethod(Method):
             caption_dropout=self.cfg.caption_dropout, logit_mean=self.cfg.logit_mean, logit_std=self.cfg.logit_std,
         )
         if opt.step(loss.mean(), "transformer"):
-            self.ema.update(self.transformer)
+            with gathered(self.transformer):  # --fsdp: full weights for the (unsharded) EMA; else a no-op
+                self.ema.update(self.transformer)
         return terms
 
     @torch.no_grad()

@@ -21,6 +21,7 @@ non-finite check and the clip, and only the main process writes files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -63,6 +64,11 @@ class Method:
       ``sample_grid(path)``  write a PNG of samples (called with RNG state saved and restored, so
                            sampling never changes training).
       ``export(out_dir)``  write a shippable model folder.
+      ``fsdp_modules()``   name -> module that ``--fsdp`` shards (training/fsdp.py); without it the
+                           method refuses ``--fsdp``.
+      ``fsdp_unsharded(keep)``  context manager entered by every rank (collective) around the main
+                           process's ``sample_grid`` / ``export`` under ``--fsdp``; on ranks with ``keep``
+                           the method uses full-weight copies of its sharded modules inside.
     """
 
     def state_modules(self) -> dict[str, nn.Module]:
@@ -125,6 +131,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
 def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
+    if distributed.has_sharded(grads):  # --fsdp: sums every rank's shard (collective)
+        return distributed.sharded_grad_norm(grads)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
 
 
@@ -302,6 +310,11 @@ class Trainer:
         self.stepper = Stepper(method.optimizers(), method.schedulers(), config.grad_clip, self.device.type, self.dist)
         self.step = 0
         self.batches_drawn = 0
+        self.fsdp = None  # --fsdp: the sharded modules (training/fsdp.py); None for a plain run
+        if getattr(config, "fsdp", False):
+            from .fsdp import shard_method
+
+            self.fsdp = shard_method(method, self.dist, self.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(method)
 
@@ -327,12 +340,15 @@ class Trainer:
             extra["world_size"] = self.dist.world_size
             rank_rng = self.dist.gather_object(ckpt.rng_state(self.method.generators()))
         path = self.ckpt_dir / ckpt.checkpoint_name(self.step)
+        modules, optimizers = self.method.state_modules(), self.method.optimizers()
+        if self.fsdp is not None:  # collective: full weights / optimiser states, held by the main process
+            modules, optimizers = self.fsdp.full_state(modules, optimizers, keep=self.is_main_process)
         if self.is_main_process:
             path = ckpt.save_checkpoint(
                 self.ckpt_dir,
                 self.step,
-                modules=self.method.state_modules(),
-                optimizers=self.method.optimizers(),
+                modules=modules,
+                optimizers=optimizers,
                 schedulers=self.method.schedulers(),
                 generators=self.method.generators(),
                 extra=extra,
@@ -345,10 +361,13 @@ class Trainer:
         return path
 
     def restore(self, path: Path) -> None:
+        modules, optimizers = self.method.state_modules(), self.method.optimizers()
+        if self.fsdp is not None:  # full checkpoint tensors -> this rank's shards
+            modules, optimizers = self.fsdp.loaders(modules, optimizers)
         state = ckpt.load_checkpoint(
             path,
-            modules=self.method.state_modules(),
-            optimizers=self.method.optimizers(),
+            modules=modules,
+            optimizers=optimizers,
             schedulers=self.method.schedulers(),
             generators=self.method.generators(),
             rank=self.dist.rank,
@@ -396,13 +415,21 @@ class Trainer:
         """Where the trained model is exported: ``config.export``, else ``<out>/export``."""
         return Path(self.config.export) if getattr(self.config, "export", None) else Path(self.config.out) / "export"
 
+    def _unsharded(self):
+        """--fsdp with a method that samples / exports its sharded modules: every rank enters (collective
+        gather), the main process gets full weights inside (``method.fsdp_unsharded``). Else nothing."""
+        if self.fsdp is not None and hasattr(self.method, "fsdp_unsharded"):
+            return self.method.fsdp_unsharded(keep=self.is_main_process)
+        return contextlib.nullcontext()
+
     def fit_and_export(self) -> Path | None:
         """:meth:`fit`, then ``method.export(export_folder())`` on the main process; None on the other ranks."""
         self.fit()
-        if not self.is_main_process:  # multi-process run: only the main process exports
-            return None
         out = self.export_folder()
-        self.method.export(out)
+        with self._unsharded():
+            if not self.is_main_process:  # multi-process run: only the main process exports
+                return None
+            self.method.export(out)
         return out
 
     def fit(self) -> int:
@@ -473,8 +500,10 @@ class Trainer:
                         f.write(json.dumps(row) + "\n")
                 window.clear()
                 t_window, n_window = 0.0, 0
-            if cfg.sample_every and self.step % cfg.sample_every == 0 and self.is_main_process:
-                self._sample()
+            if cfg.sample_every and self.step % cfg.sample_every == 0:
+                with self._unsharded():
+                    if self.is_main_process:
+                        self._sample()
             if self.step % cfg.ckpt_every == 0 or last:
                 self.save()
                 saved_at = self.step
