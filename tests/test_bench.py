@@ -109,8 +109,21 @@ def test_runs_are_interleaved_in_rotating_order():
 
     out = benchmarks._interleaved_runs([side("a"), side("b"), side("c")], repeats=3, warmup=1)
     assert order == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
-    assert [o for _, o in out] == ["a", "b", "c"]
-    assert all(med["total_ms"] >= 0 and set(benchmarks.COMPONENTS) <= set(med) for med, _ in out)
+    assert [o for _, o, _ in out] == ["a", "b", "c"]
+    assert all(med["total_ms"] >= 0 and set(benchmarks.COMPONENTS) <= set(med) for med, _, _ in out)
+    assert all(first is not None and first >= 0 for _, _, first in out)  # the first warm-up call, timed apart
+    assert all(first is None for _, _, first in benchmarks._interleaved_runs([side("a")], repeats=1, warmup=0))
+
+
+def test_markdown_reports_compile_time_separately():
+    row = {"name": "sprint-1step", "steps": 1, "batch": 1, "ours_ms": 10.0, "diffusers_ms": 20.0, "ratio": 0.5,
+           "ours_img_s": 100.0, "diffusers_img_s": 50.0, "ours_first_call_ms": 31000.0, "diffusers_first_call_ms": 12000.0,
+           **{side: dict.fromkeys(benchmarks.COMPONENTS, 1.0) for side in ("ours", "diffusers")}}
+    settings = {"repeats": 3, "warmup": 1, "device": "cpu", "threads": 1, "torch": "x", "diffusers": "y"}
+    plain = benchmarks.markdown({"rows": [row], "settings": {**settings, "student": {"ours": {"compile": False}}}})
+    compiled = benchmarks.markdown({"rows": [row], "settings": {**settings, "student": {"ours": {"compile": True}}}})
+    assert "torch.compile" not in plain
+    assert "torch.compile" in compiled and "ours 31.0 s, diffusers 12.0 s" in compiled
 
 
 def test_bench_fast_path_flags(folders, tmp_path):
@@ -128,3 +141,20 @@ def test_bench_fast_path_flags(folders, tmp_path):
         assert row["max_pixel_diff"] <= 1 / 255
     assert settings[0]["linear_convs"] is True and settings[0]["trim_text"] is True
     assert settings[2]["linear_convs"] is False and settings[2]["trim_text"] is False
+
+
+@pytest.mark.parametrize(
+    "flags,compiled",
+    [([], True), (["--warmup", "0"], False), (["--no-compile"], False), (["--compile", "--warmup", "0"], True)],
+)
+def test_bench_compiles_by_default_when_warmup_absorbs_it(monkeypatch, folders, tmp_path, flags, compiled):
+    seen = {}
+
+    def fake_run_bench(model, teacher, steps_list, batches, repeats, warmup, device, options, **kw):
+        seen.update(options, warmup=warmup, compile_diffusers=kw["compile_diffusers"])
+        return {"rows": [], "settings": {"repeats": repeats, "warmup": warmup, "device": "cpu", "threads": 1,
+                                         "torch": "x", "diffusers": "y"}}
+
+    monkeypatch.setattr(benchmarks, "run_bench", fake_run_bench)
+    code = cli.main(["bench", "--model", str(folders[0]), "--out", str(tmp_path / "b.json"), *flags])
+    assert code == 0 and seen["compile"] is compiled and seen["compile_diffusers"] is False

@@ -10,6 +10,8 @@ from conftest import IMAGE_SIZE, MAX_LENGTH, tiny_transformer, tiny_vae
 from torch import nn
 
 from sana_sprint import fast
+from sana_sprint.models.attention import explicit_cross_attention
+from sana_sprint.models.wrapper import TrigFlowTransformer
 from sana_sprint.pipeline import SprintPipeline
 from sana_sprint.text import TextEncoder
 
@@ -102,6 +104,7 @@ def test_auto_resolution_and_guards(monkeypatch):
     assert fast.FastOptions().resolved(torch.device("cuda")).bf16 == "all"
     assert fast.FastOptions(compile=True).resolved(torch.device("cuda")).cuda_graphs is True
     assert fast.FastOptions(compile=True).resolved(cpu).cuda_graphs is False
+    assert fast.FastOptions(compile=True).resolved(cpu).cache_time is False and fast.FastOptions().resolved(cpu).cache_time
     with pytest.raises(ValueError, match="CUDA"):
         fast.FastOptions(compile=True, cuda_graphs=True).resolved(cpu)
     with pytest.raises(ValueError, match="compile"):
@@ -115,10 +118,13 @@ def test_describe(pipe):
     assert fast.describe(pipe)["inference_mode"] is False
     d = fast.describe(fast.optimize_pipeline(pipe, bf16="off"))
     assert d == {"inference_mode": True, "channels_last": True, "bf16": "off", "compile": False, "cuda_graphs": False,
-                 "linear_convs": True, "trim_text": True}
+                 "linear_convs": True, "trim_text": True, "lean": True, "cache_time": True}
     compiled = fast.optimize_pipeline(fresh, bf16="off", compile=True)  # compiles lazily: nothing runs here
     assert isinstance(compiled.text_encoder, fast.PaddingFreeTextEncoder)
     assert getattr(compiled.transformer, "_sprint_trim_hook", None) is None  # fixed key count under compile
+    # diffusers' own blocks and no Python-side time cache under compile (one graph); lean text encoder kept
+    assert not any("forward" in b.__dict__ for b in compiled.transformer.transformer_blocks)
+    assert "forward" not in compiled.transformer.time_embed.__dict__ and compiled.text_encoder.lean is not None
 
 
 # --- convolutions as matmuls -----------------------------------------------------------------------------
@@ -260,3 +266,182 @@ def test_compile_matches_reference(pipe):
     ref = _run(pipe)
     out = _run(fast.optimize_pipeline(_copy(pipe), bf16="off", compile=True))
     assert (out.images - ref.images).abs().max() <= 1e-4
+
+
+# --- lean text encoder and Sana blocks -------------------------------------------------------------------
+
+
+def test_fused_bert_equals_transformers_float64(tokenizer, bert):
+    model = copy.deepcopy(bert).double()
+    fused = fast.FusedBertEncoder(model)
+    enc = fast.PaddingFreeTextEncoder.from_encoder(TextEncoder(tokenizer, model, max_length=16))
+    ids, mask = enc._tokenize(SHORT + ["one square"])  # right-padded to the longest prompt
+    assert mask.sum(1).tolist() == [4, 10, 4]
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask)[0]
+        out = fused(ids, mask)
+        keep = mask.bool()
+        assert ref.std() > 0.1 and (out - ref)[keep].abs().max() < 1e-12  # padded rows are masked out anyway
+        one = ids[1:2]  # no padding: the unmasked attention path
+        assert (fused(one, torch.ones_like(one)) - model(one)[0]).abs().max() < 1e-12
+
+
+def test_fused_bert_refuses_other_architectures(bert):
+    assert fast.FusedBertEncoder.supports(bert)
+    other = copy.deepcopy(bert)
+    other.config.hidden_act = "gelu_new"
+    assert not fast.FusedBertEncoder.supports(other) and not fast.FusedBertEncoder.supports(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="BertModel"):
+        fast.FusedBertEncoder(other)
+
+
+def test_lean_text_encoder_in_pipeline(long_pipe):
+    fp = fast.optimize_pipeline(_copy(long_pipe), bf16="off")
+    assert fp.text_encoder.lean is not None
+    assert fast.optimize_pipeline(_copy(long_pipe), bf16="off", lean=False).text_encoder.lean is None
+    ref_e, ref_m = long_pipe.text_encoder.encode(SHORT)
+    e, m = fp.text_encoder.encode(SHORT)
+    assert torch.equal(m, ref_m) and (e - ref_e)[m.bool()].abs().max() < 1e-5
+
+
+def _lean_inputs(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 8, 8, generator=g, dtype=dtype)
+    e = torch.randn(3, MAX_LENGTH, 32, generator=g, dtype=dtype)
+    m = torch.ones(3, MAX_LENGTH, dtype=torch.long)
+    m[0, 5:] = 0
+    m[2, 2:] = 0
+    return x, e, m
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+def test_lean_blocks_equal_diffusers_blocks_float64(guidance):
+    """The lean block forward equals diffusers' block forward in float64 (padded keys, student and teacher)."""
+    model = TrigFlowTransformer(tiny_transformer(guidance_embeds=guidance, seed=4)).double()
+    x, e, m = _lean_inputs(torch.float64)
+    w = 4.5 if guidance else None
+    with torch.no_grad():
+        ref = _transformer_out(model, x, e, m, w)
+        assert fast.lean_blocks(model.transformer) == len(model.transformer.transformer_blocks) == 2
+        out = _transformer_out(model, x, e, m, w)
+        assert all("_sprint_fused" in b.__dict__ for b in model.transformer.transformer_blocks)  # the lean path ran
+    assert ref.std() > 1e-3 and (out - ref).abs().max() < 1e-10
+    fast.restore_blocks(model.transformer)
+    assert all("forward" not in b.__dict__ for b in model.transformer.transformer_blocks)
+
+
+def test_lean_blocks_fall_back_and_follow_weight_updates():
+    model = TrigFlowTransformer(tiny_transformer(seed=4)).double()
+    x, e, m = _lean_inputs(torch.float64)
+    fast.lean_blocks(model.transformer)
+    blocks = model.transformer.transformer_blocks
+    ref = _transformer_out(model, x, e, m, 4.5)  # autograd on: diffusers' own forward
+    assert ref.requires_grad and not any("_sprint_fused" in b.__dict__ for b in blocks)
+    with torch.no_grad():
+        assert (_transformer_out(model, x, e, m, 4.5) - ref).abs().max() < 1e-10
+        blocks[0].attn1.to_k.weight.add_(0.3)  # in-place update: the fused copy must be rebuilt
+        blocks[1].attn2.to_v.weight.mul_(1.5)
+        out = _transformer_out(model, x, e, m, 4.5)
+        fast.restore_blocks(model.transformer)
+        changed = _transformer_out(model, x, e, m, 4.5)
+        assert (changed - ref).abs().max() > 1e-3 and (out - changed).abs().max() < 1e-10
+        # a swapped cross-attention processor (the JVP-safe one) -> the block's own forward
+        fast.lean_blocks(model.transformer)
+        with explicit_cross_attention(model.transformer):
+            swapped = _transformer_out(model, x, e, m, 4.5)
+        assert (swapped - changed).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_lean_pipeline_matches_reference_fp32(long_pipe, steps):
+    ref = long_pipe(SHORT, steps=steps, seed=3, output_type="pt")
+    fp = fast.optimize_pipeline(_copy(long_pipe), bf16="off")
+    assert sum("forward" in b.__dict__ for b in fp.transformer.transformer_blocks) == 2
+    out = fp(SHORT, steps=steps, seed=3, output_type="pt")
+    assert ref.images.std() > 1e-3
+    assert (out.images - ref.images).abs().max() <= fast.TOLERANCE["fp32"]
+    assert (out.latents - ref.latents).abs().max() <= fast.TOLERANCE["fp32"]
+    linear = fast.optimize_pipeline(_copy(long_pipe), bf16="linear")  # per-Linear autocast: no lean blocks
+    assert not any("forward" in b.__dict__ for b in linear.transformer.transformer_blocks)
+
+
+@pytest.mark.parametrize("shortcut", [True, False])
+@pytest.mark.parametrize("size", [(4, 4), (5, 3)])
+def test_subpixel_upsampling_equals_upsample_conv_float64(shortcut, size):
+    from diffusers.models.autoencoders.autoencoder_dc import DCUpBlock2d
+
+    torch.manual_seed(0)
+    block = DCUpBlock2d(6, 3 if not shortcut else 6, interpolate=True, shortcut=shortcut).double()
+    with torch.no_grad():
+        block.conv.bias.normal_()
+    x = torch.randn(2, 6, *size, dtype=torch.float64)
+    with torch.no_grad():
+        ref = block(x)
+        assert fast.subpixel_upsampling(block) == 1
+        out = block(x)
+        assert out.shape == ref.shape == (2, block.conv.out_channels, 2 * size[0], 2 * size[1])
+        assert ref.std() > 0.1 and (out - ref).abs().max() < 1e-12
+        block.conv.weight[0, 0, 1, 2] += 1.0  # the cached sub-pixel kernels follow in-place updates
+        out = block(x)
+        fast.restore_upsampling(block)
+        assert "forward" not in block.__dict__ and (block(x) - out).abs().max() < 1e-12
+
+
+def test_subpixel_upsampling_in_dcae_decoder(pipe):
+    """The tiny DC-AE decoder (interpolating up-blocks) decodes the same images within the fp32 tolerance."""
+    vae = copy.deepcopy(pipe.vae)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = vae.decode(z).sample
+        n = fast.subpixel_upsampling(vae.decoder)
+        out = vae.decode(z).sample
+    assert n == sum(fast._is_subpixel_block(m) for m in vae.decoder.modules()) and n > 0
+    assert ref.std() > 1e-3 and (out - ref).abs().max() < fast.TOLERANCE["fp32"]
+
+
+def test_time_embedding_cache_is_exact_and_invalidated():
+    t = tiny_transformer(seed=4)
+    te = t.time_embed
+    calls = []
+    te.register_forward_hook(lambda *a: calls.append(1))
+    s1, g1 = torch.tensor([1.2, 0.3]), torch.tensor([0.45, 0.45])
+    with torch.no_grad():
+        ref = te(s1, guidance=g1, hidden_dtype=torch.float32)
+        assert fast.cache_time_embedding(t)
+        a = te(s1, guidance=g1, hidden_dtype=torch.float32)
+        b = te(s1.clone(), guidance=g1.clone(), hidden_dtype=torch.float32)  # same values: served from the cache
+        assert len(te._sprint_time_cache) == 1 and all(torch.equal(x, y) for x, y in zip(a, ref))
+        assert all(x is y for x, y in zip(a, b))
+        c = te(torch.tensor([1.2, 0.31]), guidance=g1, hidden_dtype=torch.float32)  # another time: computed
+        assert len(te._sprint_time_cache) == 2 and not torch.equal(c[0], a[0])
+        te.linear.weight.mul_(2.0)  # in-place update: a new key
+        d = te(s1, guidance=g1, hidden_dtype=torch.float32)
+        assert len(te._sprint_time_cache) == 3 and not torch.equal(d[0], a[0])
+        for i in range(fast.TIME_CACHE_SIZE + 5):
+            te(torch.tensor([float(i)]), guidance=torch.tensor([0.1]), hidden_dtype=torch.float32)
+        assert len(te._sprint_time_cache) == fast.TIME_CACHE_SIZE
+    n = len(te._sprint_time_cache)
+    te(s1, guidance=g1, hidden_dtype=torch.float32)  # autograd on: never cached
+    assert len(te._sprint_time_cache) == n
+    fast.restore_time_embedding(t)
+    assert "forward" not in te.__dict__ and "_sprint_time_cache" not in te.__dict__
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lean_rms_equals_diffusers_rmsnorm(bias, dtype):
+    from diffusers.models.normalization import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(24, eps=1e-5, elementwise_affine=True, bias=bias).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+        if bias:
+            norm.bias.normal_()
+    x = torch.randn(3, 5, 24, dtype=dtype) * 3
+    with torch.no_grad():
+        ref = norm(x)
+        out = fast._rms(x, norm)
+    assert out.dtype == ref.dtype and ref.std() > 0.5
+    assert (out - ref).abs().max() < (1e-5 if dtype == torch.float32 else 1e-12)
+    assert fast._rms(x, None) is x

@@ -5,15 +5,19 @@ For each step count (and the teacher at 20 steps when ``--teacher`` is given) an
 ``--warmup`` runs:
 
 - **ours**: :class:`~sana_sprint.fast.FastSprintPipeline` with its default fast paths (inference mode,
-  channels-last VAE, 1x1/patch convolutions as matmuls, padding-free text encoding; ``--bf16``,
-  ``--compile`` and the ``--no-*`` flags change them); the text encoder's prompt cache is cleared
+  channels-last VAE, 1x1/patch convolutions as matmuls, padding-free text encoding, lean BERT / Sana
+  block / DC-AE up-sampling forwards, the (time + CFG) embedding memoised by its exact inputs, and
+  ``torch.compile`` (on a CPU: the transformer, inductor freezing) whenever ``--warmup`` >= 1, since it
+  pays at steady state; ``--no-compile`` keeps it eager. ``--bf16`` and the ``--no-*`` flags change the
+  rest. When compiling, the first warm-up call of each row (compilation, one per batch size) is reported
+  separately as ``ours_first_call_ms`` / ``diffusers_first_call_ms`` and never enters the medians); the text encoder's prompt cache is cleared
   before every run, so text encoding is timed like diffusers' (``ours_cached_text_ms`` is the time
   without it: a repeated prompt);
 - **diffusers**: ``SanaSprintPipeline`` (teacher: ``SanaPipeline`` + flow-match Euler, same shift) loaded
   from the same folder, with our text encoder and tokenizer passed in, ``max_sequence_length`` equal
   to ours, no prompt prefix (``complex_human_instruction=None``), ``use_resolution_binning=False``, and its
-  fastest fair settings: its own modules, fp32 on CPU (bf16 convolutions are ~30x slower on AVX2),
-  bf16 on CUDA, compiled when ours is.
+  fastest fair eager settings: its own modules, fp32 on CPU (bf16 convolutions are ~30x slower on AVX2),
+  bf16 on CUDA; ``--compile-diffusers`` compiles its transformer too (an extra comparison).
 
 ``--clock cpu`` times process CPU time instead of wall time: on a CPU shared with other jobs it
 counts the work done, not the waiting (with ``--threads 1`` both agree on an idle machine). The runs are interleaved (each repeat times ours, diffusers and the optional plain pipeline once, in
@@ -141,16 +145,20 @@ def _timed_run(run: Callable[[], Any], clock: _Clock, before: Callable) -> tuple
 
 
 def _interleaved_runs(sides: list[tuple[Callable[[], Any], _Clock, Callable]], repeats: int, warmup: int):
-    """[(median component times incl. total_ms, output of the last run)] per side.
+    """[(median component times incl. total_ms, output of the last run, first warm-up call ms or None)] per side.
 
     Every repeat runs each side once, the order rotating from one repeat to the next, so a load change
     on a shared machine hits all sides alike (the ratio stays fair even when absolute times drift).
     """
     outs: list[Any] = [None] * len(sides)
-    for _ in range(warmup):
-        for i, (run, _clock, before) in enumerate(sides):
+    first: list[float | None] = [None] * len(sides)
+    for w in range(warmup):
+        for i, (run, clock, before) in enumerate(sides):
             before()
+            start = clock.now()
             outs[i] = run()
+            if w == 0:  # the first call of a case: includes torch.compile's (re)compilation when compiling
+                first[i] = round((clock.now() - start) * 1000, 3)
     samples: list[list[dict[str, float]]] = [[] for _ in sides]
     for r in range(repeats):
         for j in range(len(sides)):
@@ -158,7 +166,7 @@ def _interleaved_runs(sides: list[tuple[Callable[[], Any], _Clock, Callable]], r
             run, clock, before = sides[i]
             t, outs[i] = _timed_run(run, clock, before)
             samples[i].append(t)
-    return [(_median(s), o) for s, o in zip(samples, outs)]
+    return [(_median(s), o, f) for s, o, f in zip(samples, outs, first)]
 
 
 # --- the two pipelines ------------------------------------------------------------------------------
@@ -234,7 +242,7 @@ def bench_case(ours, theirs, *, steps: int, batch: int, repeats: int, warmup: in
             sides.append((lambda: plain(prompts, generator=_generators(batch, device), **ours_kw).images,
                           clocks[2], plain.text_encoder.clear_cache))
         results = _interleaved_runs(sides, repeats, warmup)
-    (mine, mine_out), (ref, ref_out) = results[:2]
+    (mine, mine_out, mine_first), (ref, ref_out, ref_first) = results[:2]
     row.update(
         ours_ms=mine["total_ms"],
         diffusers_ms=ref["total_ms"],
@@ -244,6 +252,8 @@ def bench_case(ours, theirs, *, steps: int, batch: int, repeats: int, warmup: in
         diffusers_img_s=round(batch * 1000 / ref["total_ms"], 3),
         ours=mine,
         diffusers=ref,
+        ours_first_call_ms=mine_first,
+        diffusers_first_call_ms=ref_first,
     )
     # Same weights, schedule and generators: the outputs agree (students; the diffusers teacher feeds
     # the transformer 1000 t where ours feeds t, so only its cost is comparable).
@@ -265,6 +275,7 @@ def run_bench(
     compare_plain: bool = False,
     log=print,
     cpu_clock: bool = False,
+    compile_diffusers: bool = False,
 ) -> dict:
     """All rows for a student folder (and optionally a teacher folder); see the module docstring."""
     import diffusers
@@ -286,13 +297,17 @@ def run_bench(
             flag = "--model" if folder == model else "--teacher"
             raise UserError(f"{flag} {folder}: sprint_config kind is {kind!r}; --model takes a student, --teacher a teacher")
         ours = fast.optimize_pipeline(SprintPipeline.from_pretrained(folder, device=device), **fast_options)
-        # Fastest fair settings for diffusers: bf16 where it pays (CUDA), compiled when ours is.
+        # Fastest fair eager settings for diffusers: bf16 where it pays (CUDA); compiled only on request.
         dtype = torch.bfloat16 if ours.fast.bf16 == "all" else torch.float32
         theirs = load_diffusers(folder, ours, device, dtype)
-        if ours.fast.compile:
-            theirs.transformer.compile(mode="reduce-overhead" if ours.fast.cuda_graphs else None, dynamic=False)
+        if compile_diffusers:  # an extra comparison; the documented baseline is diffusers eager
+            if device.type == "cuda":
+                theirs.transformer.compile(mode="reduce-overhead" if ours.fast.cuda_graphs else None, dynamic=False)
+            else:
+                theirs.transformer.compile(dynamic=False, options=fast.CPU_COMPILE_OPTIONS)
         plain = SprintPipeline.from_pretrained(folder, device=device) if compare_plain else None
-        settings[ours.kind] = {"folder": str(folder), "ours": fast.describe(ours), "diffusers_dtype": str(dtype)}
+        settings[ours.kind] = {"folder": str(folder), "ours": fast.describe(ours), "diffusers_dtype": str(dtype),
+                               "diffusers_compiled": bool(compile_diffusers)}
         for steps, batch in cases:
             row = bench_case(ours, theirs, steps=steps, batch=batch, repeats=repeats, warmup=warmup, device=device,
                              plain=plain, cpu_clock=cpu_clock)
@@ -332,6 +347,13 @@ def markdown(result: dict) -> str:
             f"| {r['name']} | {r['steps']} | {r['batch']} | {r['ours_ms']:.1f} | {r['diffusers_ms']:.1f} | {r['ratio']:.3f} "
             f"| {r['ours_img_s']:.2f} | {r['diffusers_img_s']:.2f} | {split(r['ours'])} | {split(r['diffusers'])} |"
         )
+    if any(v.get("ours", {}).get("compile") or v.get("diffusers_compiled") for v in s.values() if isinstance(v, dict)):
+        lines += ["", "torch.compile: the first warm-up call of each row (compilation / recompilation for the batch "
+                  "size, not in the medians above):", ""]
+        for r in result["rows"]:
+            if r.get("ours_first_call_ms") is not None:
+                lines.append(f"- {r['name']} batch {r['batch']}: ours {r['ours_first_call_ms'] / 1000:.1f} s, "
+                             f"diffusers {r['diffusers_first_call_ms'] / 1000:.1f} s")
     return "\n".join(lines) + "\n"
 
 
@@ -356,11 +378,19 @@ def bench_command(p: argparse.ArgumentParser):
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--bf16", default="auto", choices=("auto", "off", "linear", "all"), help="see sana_sprint.fast")
-    p.add_argument("--compile", action="store_true", help="torch.compile ours (and diffusers' transformer)")
+    p.add_argument("--compile", dest="compile", action="store_const", const="on", default="auto",
+                   help="torch.compile ours (see sana_sprint.fast); default: on when --warmup >= 1 (the first "
+                        "warm-up call absorbs compilation and is reported apart)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="eager only")
+    p.add_argument("--compile-diffusers", action="store_true",
+                   help="also torch.compile diffusers' transformer, with our options (default: diffusers eager)")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--no-inference-mode", action="store_true")
     p.add_argument("--no-linear-convs", action="store_true", help="keep the transformer's 1x1/patch convolutions")
     p.add_argument("--no-trim-text", action="store_true", help="encode and attend to prompts padded to max length")
+    p.add_argument("--no-lean", action="store_true",
+                   help="diffusers' own BERT / Sana block / DC-AE up-block forwards instead of the lean ones")
+    p.add_argument("--no-cache-time", action="store_true", help="recompute the (time + CFG) embedding every call")
     p.add_argument("--compare-plain", action="store_true", help="also time a plain SprintPipeline (no fast paths)")
     p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                    help="cpu: time the process's CPU time (robust on a shared, loaded CPU; not for CUDA)")
@@ -392,10 +422,11 @@ def bench_command(p: argparse.ArgumentParser):
         device = pick_device(args.device)
         if args.clock == "cpu" and device.type != "cpu":
             raise UserError(f"--clock cpu times CPU work only: use it with --device cpu (got {device})")
+        compile_ours = args.compile == "on" or (args.compile == "auto" and args.warmup >= 1)
         options = dict(
-            bf16=args.bf16, compile=args.compile, channels_last=not args.no_channels_last,
+            bf16=args.bf16, compile=compile_ours, channels_last=not args.no_channels_last,
             inference_mode=not args.no_inference_mode, linear_convs=not args.no_linear_convs,
-            trim_text=not args.no_trim_text,
+            trim_text=not args.no_trim_text, lean=not args.no_lean, cache_time=not args.no_cache_time,
         )
         try:
             FastOptions(**options).resolved(device)
@@ -404,6 +435,7 @@ def bench_command(p: argparse.ArgumentParser):
         result = run_bench(
             folders[0], folders[1], steps_list, batches, args.repeats, args.warmup, device, options,
             compare_plain=args.compare_plain, log=lambda m: print(m, file=sys.stderr), cpu_clock=args.clock == "cpu",
+            compile_diffusers=args.compile_diffusers,
         )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")

@@ -19,6 +19,17 @@
   each call. Sana adds -10000 to masked keys' scores, so in fp32 they weigh exactly 0: outputs equal
   the padded path up to float rounding. Under ``compile`` only the encoder is padding-free (the
   transformer keeps max_length keys: a varying length would recompile);
+- ``lean``: the same arithmetic in fewer operators, exact up to float summation order (float64 tests):
+  the text encoder through :class:`FusedBertEncoder` (BERT with one QKV matmul per layer, SDPA without a
+  mask when nothing is padded, no pooler; with ``trim_text``), every Sana block through
+  :func:`_lean_block_forward` (fused self-attention QKV and cross-attention KV projections, no module
+  dispatch / processor inspection / mask repetition; diffusers' own forward while autograd records or
+  with other attention processors; not with ``bf16="linear"``), and the DC-AE decoder's nearest-x2
+  upsample + 3x3 conv blocks as sub-pixel 2x2 convolutions (:func:`subpixel_upsampling`, 16 instead
+  of 36 multiply-adds). Fused / sub-pixel weights are copies, rebuilt when a parameter changes in place;
+- ``cache_time``: the transformer's (time + CFG) embedding memoised by the exact time / guidance values
+  and batch size (:func:`cache_time_embedding`; a 1-step student at the default guidance computes the
+  same embedding for every request), only while autograd is off;
 - ``channels_last``: the DC-AE decoder (all convolutions) in channels-last memory format; about 1.3-2x
   faster decoding on an AVX2 CPU (oneDNN), bit-for-bit equal up to summation order;
 - ``bf16``: ``"all"`` casts transformer and VAE weights to bf16 (what pays on a GPU); ``"linear"`` runs
@@ -26,8 +37,11 @@
   attention sums and the VAE in fp32 (on CPUs with native bf16 matmuls: AVX512-BF16 / AMX); ``"auto"``
   picks ``"all"`` on CUDA, ``"linear"`` on a CPU with native bf16 and ``"off"`` otherwise. Measured on
   an AVX2-only CPU: bf16 matmuls are ~10x and convolutions ~30x slower than fp32, so "auto" is "off";
-- ``compile``: ``torch.compile`` of the transformer and the VAE decoder, in place (state-dict keys
-  unchanged); on CUDA with ``cuda_graphs`` the mode is ``"reduce-overhead"`` (CUDA graphs).
+- ``compile``: ``torch.compile`` in place (state-dict keys unchanged), one recompilation per batch size:
+  on CUDA the transformer and the VAE decoder (with ``cuda_graphs`` mode ``"reduce-overhead"``); on a
+  CPU only the transformer, with inductor's ``freezing`` (:data:`CPU_COMPILE_OPTIONS`; minutes of
+  compilation on one core; the compiled VAE decoder measured slower there). Under ``compile`` the
+  transformer keeps diffusers' own blocks and no time-embedding cache (both would break the graph).
 
 The TrigFlow transform, the sampler's trigonometry and the noise stay fp32 whatever ``bf16`` says
 (the wrapper computes them in fp32). Cached text embeddings are the text encoder's own per-prompt
@@ -59,6 +73,7 @@ Bf16Mode = Literal["off", "linear", "all", "auto"]
 TOLERANCE = {"fp32": 1e-5, "bf16_latent_rel": 5e-2, "bf16_image_mean": 1e-2}
 
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+CPU_COMPILE_OPTIONS = {"freezing": True}  # inductor: parameters as constants (weight prepacking, folding)
 _KEEP_FP32 = ("time_embed",)  # time (+CFG) embedding: its precision sets the schedule; cheap anyway
 
 
@@ -71,6 +86,8 @@ class FastOptions:
     cuda_graphs: bool | None = None  # None: on when compiling on CUDA
     linear_convs: bool = True
     trim_text: bool = True
+    lean: bool = True
+    cache_time: bool = True
 
     def resolved(self, device: torch.device) -> FastOptions:
         """``auto`` / ``None`` replaced by what pays on ``device``; invalid combinations raise ValueError."""
@@ -88,7 +105,8 @@ class FastOptions:
         if graphs and not self.compile:
             raise ValueError("cuda_graphs is implemented through torch.compile: pass compile=True")
         return FastOptions(
-            self.inference_mode, self.channels_last, bf16, self.compile, bool(graphs), self.linear_convs, self.trim_text
+            self.inference_mode, self.channels_last, bf16, self.compile, bool(graphs), self.linear_convs, self.trim_text,
+            self.lean, self.cache_time and not self.compile,  # a Python-side cache would break the compiled graph
         )
 
 
@@ -185,10 +203,15 @@ class PaddingFreeTextEncoder(TextEncoder):
     Shares tokenizer and model with the encoder it was made from; has its own prompt cache.
     """
 
+    lean: FusedBertEncoder | None = None
+
     @classmethod
-    def from_encoder(cls, enc: TextEncoder) -> PaddingFreeTextEncoder:
+    def from_encoder(cls, enc: TextEncoder, lean: bool = False) -> PaddingFreeTextEncoder:
+        """With ``lean`` (and a supported model, see :class:`FusedBertEncoder`) the model runs through the lean forward."""
         new = cls(enc.tokenizer, enc.model, enc.max_length, enc.spec)
         new._warned = enc._warned
+        if lean and FusedBertEncoder.supports(enc.model):
+            new.lean = FusedBertEncoder(enc.model)
         return new
 
     def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,13 +243,80 @@ class PaddingFreeTextEncoder(TextEncoder):
         ids, mask = self._tokenize(texts)
         device = self.device
         mask = mask.to(device)
-        embeds = self.model(ids.to(device), attention_mask=mask)[0].float()
+        if self.lean is not None:
+            embeds = self.lean(ids.to(device), mask).float()
+        else:
+            embeds = self.model(ids.to(device), attention_mask=mask)[0].float()
         b, n, c = embeds.shape
         full = embeds.new_zeros((b, self.max_length, c))
         full[:, :n] = embeds * mask[..., None]
         full_mask = mask.new_zeros((b, self.max_length))
         full_mask[:, :n] = mask
         return full, full_mask.long()
+
+
+class FusedBertEncoder:
+    """A lean forward of a transformers ``BertModel`` (post-LN, absolute positions, exact GELU): ``last_hidden_state``.
+
+    The same arithmetic as the model's own forward with less per-operator overhead: the query, key and
+    value projections as one matmul (their weights concatenated once, at construction: later changes
+    to the model's weights are not seen), ``F.scaled_dot_product_attention`` with no mask when no key is
+    padded, no dropout, no pooler, no output bookkeeping. Equal to the model's output up to float
+    rounding (tests/test_fast.py, float64). :meth:`supports` says whether a model qualifies.
+    """
+
+    def __init__(self, model: nn.Module):
+        if not self.supports(model):
+            raise ValueError(f"not a plain post-LN BertModel with absolute positions: {type(model).__name__}")
+        cfg = model.config
+        emb = model.embeddings
+        self.heads = int(cfg.num_attention_heads)
+        self.hidden = int(cfg.hidden_size)
+        self.eps = float(cfg.layer_norm_eps)
+        with torch.no_grad():
+            self.word = emb.word_embeddings.weight
+            self.type0 = emb.token_type_embeddings.weight[0]
+            self.pos = emb.position_embeddings.weight
+            self.ln = (emb.LayerNorm.weight, emb.LayerNorm.bias)
+            self.layers = []
+            for layer in model.encoder.layer:
+                a = layer.attention
+                qkv = (a.self.query, a.self.key, a.self.value)
+                self.layers.append((
+                    torch.cat([m.weight for m in qkv]).detach(), torch.cat([m.bias for m in qkv]).detach(),
+                    a.output.dense.weight, a.output.dense.bias, a.output.LayerNorm.weight, a.output.LayerNorm.bias,
+                    layer.intermediate.dense.weight, layer.intermediate.dense.bias,
+                    layer.output.dense.weight, layer.output.dense.bias,
+                    layer.output.LayerNorm.weight, layer.output.LayerNorm.bias,
+                ))
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        cfg = getattr(model, "config", None)
+        return (
+            type(model).__name__ == "BertModel"
+            and cfg is not None
+            and getattr(cfg, "hidden_act", None) == "gelu"
+            and getattr(cfg, "position_embedding_type", "absolute") == "absolute"
+            and not getattr(cfg, "is_decoder", False)
+            and not getattr(cfg, "add_cross_attention", False)
+            and hasattr(model, "embeddings")
+            and hasattr(model, "encoder")
+        )
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``model(ids, attention_mask=mask)[0]``: [B, n, hidden]."""
+        b, n = ids.shape
+        h, heads = self.hidden, self.heads
+        x = F.embedding(ids, self.word) + self.type0  # the order of BertEmbeddings' sums
+        x = F.layer_norm(x + self.pos[:n], (h,), *self.ln, self.eps).reshape(b * n, h)
+        attn_mask = None if mask is None or bool(mask.all()) else mask.bool()[:, None, None, :]
+        for w_qkv, b_qkv, wo, bo, ln1w, ln1b, wi, bi, wo2, bo2, ln2w, ln2b in self.layers:
+            q, k, v = F.linear(x, w_qkv, b_qkv).view(b, n, 3, heads, h // heads).permute(2, 0, 3, 1, 4)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(b * n, h)
+            x = F.layer_norm(F.linear(ctx, wo, bo) + x, (h,), ln1w, ln1b, self.eps)
+            x = F.layer_norm(F.linear(F.gelu(F.linear(x, wi, bi)), wo2, bo2) + x, (h,), ln2w, ln2b, self.eps)
+        return x.view(b, n, h)
 
 
 def _trim_cross_attention(module: nn.Module, args: tuple, kwargs: dict):
@@ -245,6 +335,352 @@ def _trim_cross_attention(module: nn.Module, args: tuple, kwargs: dict):
 def trim_cross_attention(transformer: nn.Module):
     """Install :func:`_trim_cross_attention` on ``transformer``; returns the hook handle (``.remove()`` undoes it)."""
     return transformer.register_forward_pre_hook(_trim_cross_attention, with_kwargs=True)
+
+
+# --- lean Sana blocks ----------------------------------------------------------------------------------
+
+
+def _params_key(tensors) -> tuple:
+    return tuple((id(t), t._version) for t in tensors)
+
+
+def _cat_or_none(tensors):
+    if any(t is None for t in tensors):
+        return None if all(t is None for t in tensors) else False
+    return torch.cat(list(tensors)).detach()
+
+
+def _fused_projections(block: nn.Module):
+    """(self-attention QKV weight/bias, cross-attention KV weight/bias) of a Sana block, concatenated.
+
+    Rebuilt whenever a source parameter changes (in-place updates bump ``_version``); None when a
+    block's bias layout cannot be fused (some projections with a bias, others without).
+    """
+    a1, a2 = block.attn1, block.attn2
+    srcs = [a1.to_q, a1.to_k, a1.to_v, a2.to_k, a2.to_v]
+    tensors = [t for m in srcs for t in (m.weight, m.bias) if t is not None]
+    key = _params_key(tensors)
+    cached = block.__dict__.get("_sprint_fused")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.inference_mode(False), torch.no_grad():
+        b_qkv = _cat_or_none([a1.to_q.bias, a1.to_k.bias, a1.to_v.bias])
+        b_kv = _cat_or_none([a2.to_k.bias, a2.to_v.bias])
+        fused = None
+        if b_qkv is not False and b_kv is not False:
+            # stored [in, out]-contiguous (a transposed view for F.linear): MKL's no-transpose GEMM, ~10% faster
+            w_qkv = torch.cat([a1.to_q.weight, a1.to_k.weight, a1.to_v.weight], 0).detach().t().contiguous().t()
+            w_kv = torch.cat([a2.to_k.weight, a2.to_v.weight], 0).detach().t().contiguous().t()
+            fused = (w_qkv, b_qkv, w_kv, b_kv)
+    block.__dict__["_sprint_fused"] = (key, fused)
+    return fused
+
+
+def _rms(x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+    """diffusers ``RMSNorm`` (fp32 statistics) in fewer operators; None: identity."""
+    if norm is None:
+        return x
+    w = norm.weight
+    if x.dtype == torch.float32 and (w is None or w.dtype == torch.float32):  # one fused kernel, same formula
+        y = F.rms_norm(x, (x.shape[-1],), w, norm.eps)
+        return y + norm.bias if getattr(norm, "bias", None) is not None else y
+    y = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.eps)
+    if w is None:
+        return y.to(x.dtype)
+    if w.dtype in (torch.float16, torch.bfloat16):
+        y = y.to(w.dtype)
+    y = y * w
+    return y + norm.bias if getattr(norm, "bias", None) is not None else y
+
+
+@functools.cache
+def _sana_processors() -> tuple[type, type]:
+    """diffusers' default Sana self-attention (linear) and cross-attention (SDPA) processor classes."""
+    from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
+    from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
+
+    return SanaLinearAttnProcessor2_0, SanaAttnProcessor2_0
+
+
+_ONE_PLUS_SCALE = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 0.0])[:, None]  # rows: shift, scale, gate (msa, mlp)
+
+
+def _lean_block_supported(block: nn.Module) -> bool:
+    from diffusers.models.normalization import RMSNorm
+
+    a1, a2, ff = block.attn1, getattr(block, "attn2", None), block.ff
+    norms_ok = all(n is None or isinstance(n, RMSNorm) for a in (a1, a2) if a is not None for n in (a.norm_q, a.norm_k))
+    return (
+        a2 is not None
+        and norms_ok
+        and ff.norm_type is None
+        and not ff.residual_connection
+        and all(_is_patchify_conv(c) and c.kernel_size == (1, 1) for c in (ff.conv_inverted, ff.conv_point))
+        and all(getattr(a, name, None) is None for a in (a1, a2) for name in ("spatial_norm", "group_norm", "norm_cross"))
+        and not a1.residual_connection and not a2.residual_connection
+    )
+
+
+def _lean_block_forward(block: nn.Module, original, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                        encoder_attention_mask=None, timestep=None, height=None, width=None):
+    """``SanaTransformerBlock.forward`` without module dispatch, processor inspection or layout shuffles.
+
+    The same arithmetic up to float rounding (summation order, fused multiply-adds, fused RMS norms):
+    self-attention Q/K/V and cross-attention K/V as one matmul each (column-major weight copies), the
+    Mix-FFN's 1x1 convolutions as matmuls on tokens, the depthwise conv on the channels-last view. Falls back to ``original`` while autograd records, with a self-attention mask,
+    or when the attention processors are not diffusers' default Sana ones (e.g. the JVP-safe swap).
+    """
+    linear_proc, sdpa_proc = _sana_processors()
+    a1, a2, ff = block.attn1, block.attn2, block.ff
+    fused = None
+    if (
+        not torch.is_grad_enabled()
+        and attention_mask is None
+        and type(a1.processor) is linear_proc
+        and type(a2.processor) is sdpa_proc
+        and a1.rescale_output_factor == 1.0 and a2.rescale_output_factor == 1.0
+    ):
+        fused = _fused_projections(block)
+    if fused is None:
+        return original(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, timestep,
+                        height, width)
+    w_qkv, b_qkv, w_kv, b_kv = fused
+    b, n, d = hidden_states.shape
+    dtype = hidden_states.dtype
+    mod = block.scale_shift_table[None] + timestep.reshape(b, 6, -1)
+    # diffusers' (1 + scale) terms in the same add: (table + t) + 1 rounds exactly like 1 + (table + t)
+    shift_msa, scale_msa1, gate_msa, shift_mlp, scale_mlp1, gate_mlp = (mod + _ONE_PLUS_SCALE.to(mod)).chunk(6, dim=1)
+
+    # 1. linear self-attention (ReLU kernel), as SanaLinearAttnProcessor2_0
+    x = F.layer_norm(hidden_states, (d,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
+    x = torch.addcmul(shift_msa, x, scale_msa1).to(dtype)
+    q, k, v = F.linear(x, w_qkv, b_qkv).split([a1.to_q.out_features, a1.to_k.out_features, a1.to_v.out_features], -1)
+    q, k = _rms(q, a1.norm_q), _rms(k, a1.norm_k)
+    h1 = a1.heads
+    q = F.relu(q.transpose(1, 2).unflatten(1, (h1, -1))).float()  # [B, H, hd, N]
+    k = F.relu(k.transpose(1, 2).unflatten(1, (h1, -1)).transpose(2, 3)).float()  # [B, H, N, hd]
+    v = F.pad(v.transpose(1, 2).unflatten(1, (h1, -1)).float(), (0, 0, 0, 1), value=1.0)  # [B, H, hd+1, N]
+    o = torch.matmul(torch.matmul(v, k), q)
+    o = (o[:, :, :-1] / (o[:, :, -1:] + 1e-15)).flatten(1, 2).transpose(1, 2).to(dtype)
+    hidden_states = torch.addcmul(hidden_states, gate_msa, F.linear(o, a1.to_out[0].weight, a1.to_out[0].bias))
+
+    # 2. cross-attention, as SanaAttnProcessor2_0 (the mask is the model's additive bias [B, 1, L])
+    h2 = a2.heads
+    q = _rms(F.linear(hidden_states, a2.to_q.weight, a2.to_q.bias), a2.norm_q)
+    k, v = F.linear(encoder_hidden_states, w_kv, b_kv).split([a2.to_k.out_features, a2.to_v.out_features], -1)
+    k = _rms(k, a2.norm_k)
+    hd = k.shape[-1] // h2
+    q = q.view(b, -1, h2, hd).transpose(1, 2)
+    k = k.view(b, -1, h2, hd).transpose(1, 2)
+    v = v.view(b, -1, h2, hd).transpose(1, 2)
+    mask = encoder_attention_mask
+    if mask is not None:
+        if mask.ndim == 3 and mask.shape[0] == b:  # what the model passes: broadcast over heads
+            mask = mask.unsqueeze(1)
+        else:
+            mask = a2.prepare_attention_mask(mask, k.shape[2], b)
+            mask = mask.view(b, h2, -1, mask.shape[-1])
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, -1, h2 * hd).to(q.dtype)
+    hidden_states = F.linear(o, a2.to_out[0].weight, a2.to_out[0].bias) + hidden_states
+
+    # 3. Mix-FFN (GLUMBConv) on tokens: 1x1 conv = matmul, depthwise 3x3 on the channels-last view
+    x = F.layer_norm(hidden_states, (d,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
+    x = torch.addcmul(shift_mlp, x, scale_mlp1)
+    ci, cd, cp = ff.conv_inverted, ff.conv_depth, ff.conv_point
+    x = F.silu(F.linear(x, ci.weight.flatten(1), ci.bias))  # [B, N, 2C]
+    x = x.view(b, height, width, -1).permute(0, 3, 1, 2)
+    x = F.conv2d(x, cd.weight, cd.bias, cd.stride, cd.padding, cd.dilation, cd.groups)
+    x, gate = x.chunk(2, dim=1)
+    x = (x * F.silu(gate)).permute(0, 2, 3, 1)  # [B, H, W, C]
+    x = F.linear(x, cp.weight.flatten(1), cp.bias).reshape(b, n, -1)
+    return torch.addcmul(hidden_states, gate_mlp, x)
+
+
+def lean_blocks(transformer: nn.Module) -> int:
+    """Install :func:`_lean_block_forward` on every supported Sana block of ``transformer``; returns how many.
+
+    An instance-level ``forward`` override (weights, state-dict keys and hooks unchanged); the fused
+    projection weights are copies rebuilt when a parameter changes in place. :func:`restore_blocks` undoes it.
+    """
+    n = 0
+    for block in getattr(transformer, "transformer_blocks", []):
+        if "forward" in block.__dict__ or not _lean_block_supported(block):
+            continue
+        block.forward = functools.partial(_lean_block_forward, block, type(block).forward.__get__(block))
+        n += 1
+    return n
+
+
+def restore_blocks(transformer: nn.Module) -> None:
+    for block in getattr(transformer, "transformer_blocks", []):
+        block.__dict__.pop("forward", None)
+        block.__dict__.pop("_sprint_fused", None)
+
+
+# --- time (+ guidance) embedding cache --------------------------------------------------------------------
+
+TIME_CACHE_SIZE = 32
+
+
+def _key_part(x):
+    if isinstance(x, torch.Tensor):
+        return (str(x.dtype), str(x.device), tuple(x.shape), tuple(x.detach().reshape(-1).tolist()))
+    return x
+
+
+def _cached_time_embed(module: nn.Module, original, *args, **kwargs):
+    """``module(*args, **kwargs)``, memoised by the exact input values while autograd is off.
+
+    The (time + CFG) embedding is a deterministic function of the time / guidance values (and the batch
+    size): every request of a 1-step student at the default guidance computes the same one. The key holds
+    every argument's exact values plus the parameters' versions, so in-place weight updates invalidate it.
+    """
+    if torch.is_grad_enabled():
+        return original(*args, **kwargs)
+    key = (tuple(_key_part(a) for a in args), tuple((k, _key_part(v)) for k, v in sorted(kwargs.items())),
+           _params_key(module.parameters()), torch.is_inference_mode_enabled())
+    cache = module.__dict__.setdefault("_sprint_time_cache", {})
+    if key in cache:
+        out = cache.pop(key)
+        cache[key] = out  # most recently used last
+        return out
+    out = original(*args, **kwargs)
+    cache[key] = out
+    while len(cache) > TIME_CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    return out
+
+
+def cache_time_embedding(transformer: nn.Module) -> bool:
+    """Memoise ``transformer.time_embed`` (:func:`_cached_time_embed`); undo with :func:`restore_time_embedding`."""
+    te = getattr(transformer, "time_embed", None)
+    if te is None or "forward" in te.__dict__:
+        return False
+    te.forward = functools.partial(_cached_time_embed, te, type(te).forward.__get__(te))
+    return True
+
+
+def restore_time_embedding(transformer: nn.Module) -> None:
+    te = transformer.time_embed
+    te.__dict__.pop("forward", None)
+    te.__dict__.pop("_sprint_time_cache", None)
+
+
+# --- VAE: nearest-upsample + 3x3 conv as sub-pixel 2x2 convolutions -------------------------------------
+
+# For nearest x2 upsampling followed by a 3x3 conv (padding 1), output row 2i+a reads source rows
+# {i-1, i} (a = 0: kernel rows {0}, {1, 2}) or {i, i+1} (a = 1: kernel rows {0, 1}, {2}); same for columns.
+_PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+
+
+def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[4 C_out, C_in, 2, 2] kernels, phase-major (a, b), equivalent to ``weight`` [C_out, C_in, 3, 3] on a 2x upsampled grid."""
+    taps = _PHASE_TAPS.to(weight)
+    w = torch.einsum("aik,ocks,bjs->abocij", taps, weight, taps)  # [2, 2, C_out, C_in, 2, 2]
+    return w.reshape(4 * weight.shape[0], weight.shape[1], 2, 2)
+
+
+def _upsample_conv(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(interpolate(x, scale_factor=2, mode="nearest"))`` with 2.25x fewer multiply-adds; channels-last output."""
+    conv = block.conv
+    key = _params_key([conv.weight] + ([conv.bias] if conv.bias is not None else []))
+    cached = block.__dict__.get("_sprint_subpixel")
+    if cached is None or cached[0] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            weight = conv.weight.detach()
+            w = subpixel_weight(weight.double()).to(weight.dtype).contiguous(memory_format=torch.channels_last)
+            bias = None if conv.bias is None else conv.bias.detach().repeat(4)
+        cached = block.__dict__["_sprint_subpixel"] = (key, w, bias)
+    _, w, bias = cached
+    b, _, h, wd = x.shape
+    c = conv.out_channels
+    y = F.conv2d(x, w, bias, padding=1).permute(0, 2, 3, 1)  # [B, H+1, W+1, 4 C_out]
+    out = y.new_empty((b, h, 2, wd, 2, c))
+    for k, (i, j) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        out[:, :, i, :, j] = y[:, i : i + h, j : j + wd, k * c : (k + 1) * c]
+    return out.view(b, 2 * h, 2 * wd, c).permute(0, 3, 1, 2)
+
+
+def _upsample_block_forward(block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``DCUpBlock2d.forward`` (interpolate mode) with :func:`_upsample_conv`."""
+    x = _upsample_conv(block, hidden_states)
+    if block.shortcut:
+        y = hidden_states.repeat_interleave(block.repeats, dim=1, output_size=hidden_states.shape[1] * block.repeats)
+        x = x + F.pixel_shuffle(y, block.factor)
+    return x
+
+
+def _channel_rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """diffusers ``RMSNorm`` over the channels of [B, C, H, W] (fp32), as one ``F.rms_norm`` on the channels-last view."""
+    y = F.rms_norm(x.movedim(1, -1), (x.shape[1],), norm.weight, norm.eps)
+    if norm.bias is not None:
+        y = y + norm.bias
+    return y.movedim(-1, 1)
+
+
+def _lean_resblock_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """DC-AE ``ResBlock.forward`` (RMS norm): conv, SiLU in place, conv, fused RMS norm, residual."""
+    h = F.silu(block.conv1(x), inplace=True)
+    return _channel_rms_norm(block.norm, block.conv2(h)) + x
+
+
+def _is_lean_resblock(m: nn.Module) -> bool:
+    from diffusers.models.normalization import RMSNorm
+
+    return (
+        type(m).__name__ == "ResBlock"
+        and getattr(m, "norm_type", None) == "rms_norm"
+        and isinstance(getattr(m, "norm", None), RMSNorm)
+        and isinstance(getattr(m, "nonlinearity", None), nn.SiLU)
+        and isinstance(getattr(m, "conv1", None), nn.Conv2d)
+        and isinstance(getattr(m, "conv2", None), nn.Conv2d)
+    )
+
+
+def _is_subpixel_block(m: nn.Module) -> bool:
+    conv = getattr(m, "conv", None)
+    return (
+        type(m).__name__ == "DCUpBlock2d"
+        and getattr(m, "interpolate", False)
+        and getattr(m, "interpolation_mode", None) == "nearest"
+        and getattr(m, "factor", None) == 2
+        and isinstance(conv, nn.Conv2d)
+        and tuple(conv.kernel_size) == (3, 3) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (1, 1)
+        and tuple(conv.dilation) == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+    )
+
+
+def subpixel_upsampling(decoder: nn.Module) -> int:
+    """Run every nearest-x2-upsample + 3x3-conv block of a DC-AE ``decoder`` as sub-pixel 2x2 convolutions.
+
+    Same linear map (the 3x3 taps that read the same source pixel are summed once, in the weights):
+    equal up to float rounding, 16 instead of 36 multiply-adds per output pixel and channel pair.
+    An instance-level ``forward`` override; :func:`restore_upsampling` undoes it. Returns how many blocks.
+    """
+    n = 0
+    for m in decoder.modules():
+        if _is_subpixel_block(m) and "forward" not in m.__dict__:
+            m.forward = functools.partial(_upsample_block_forward, m)
+            n += 1
+    return n
+
+
+def lean_resblocks(decoder: nn.Module) -> int:
+    """DC-AE ``ResBlock``s (RMS norm, SiLU) of ``decoder`` with :func:`_lean_resblock_forward`; returns how many."""
+    n = 0
+    for m in decoder.modules():
+        if _is_lean_resblock(m) and "forward" not in m.__dict__:
+            m.forward = functools.partial(_lean_resblock_forward, m)
+            n += 1
+    return n
+
+
+def restore_upsampling(decoder: nn.Module) -> None:
+    """Undo :func:`subpixel_upsampling` and :func:`lean_resblocks`."""
+    for m in decoder.modules():
+        if _is_subpixel_block(m) or _is_lean_resblock(m):
+            m.__dict__.pop("forward", None)
+            m.__dict__.pop("_sprint_subpixel", None)
 
 
 # --- bf16 ----------------------------------------------------------------------------------------------
@@ -286,19 +722,30 @@ def optimize_pipeline(
     cuda_graphs: bool | None = None,
     linear_convs: bool = True,
     trim_text: bool = True,
+    lean: bool = True,
+    cache_time: bool = True,
 ) -> FastSprintPipeline:
     """A :class:`FastSprintPipeline` on ``pipe``'s modules (changed in place; see the module docstring).
 
     With ``trim_text`` the fast pipeline gets its own :class:`PaddingFreeTextEncoder` (same tokenizer
     and model, own cache) and, unless compiling, ``pipe.transformer`` a pre-hook cutting padded keys.
     """
-    opts = FastOptions(inference_mode, channels_last, bf16, compile, cuda_graphs, linear_convs, trim_text)
+    opts = FastOptions(inference_mode, channels_last, bf16, compile, cuda_graphs, linear_convs, trim_text, lean, cache_time)
     opts = opts.resolved(pipe.device)
-    text = PaddingFreeTextEncoder.from_encoder(pipe.text_encoder) if opts.trim_text else pipe.text_encoder
+    text = PaddingFreeTextEncoder.from_encoder(pipe.text_encoder, lean=opts.lean) if opts.trim_text else pipe.text_encoder
     fast = FastSprintPipeline(text, pipe.model, pipe.vae, pipe.config)
     fast.fast = opts
     if opts.linear_convs:
         convs_as_linear(fast.transformer)
+    # The lean blocks call F.linear directly (no per-Linear autocast); under compile diffusers' own blocks
+    # trace into one graph (the lean ones' weight-version checks would break it).
+    if opts.lean and opts.bf16 != "linear" and not opts.compile:
+        lean_blocks(fast.transformer)
+    if opts.lean:
+        subpixel_upsampling(fast.vae.decoder)
+        lean_resblocks(fast.vae.decoder)
+    if opts.cache_time:
+        cache_time_embedding(fast.transformer)
     if opts.trim_text and not opts.compile and not getattr(fast.transformer, "_sprint_trim_hook", None):
         fast.transformer._sprint_trim_hook = trim_cross_attention(fast.transformer)
     if opts.bf16 == "all":
@@ -308,9 +755,12 @@ def optimize_pipeline(
     if opts.channels_last:
         fast.vae.to(memory_format=torch.channels_last)
     if opts.compile:
-        mode = "reduce-overhead" if opts.cuda_graphs else None
-        fast.transformer.compile(mode=mode, dynamic=False)
-        fast.vae.decoder.compile(mode=mode, dynamic=False)
+        if fast.device.type == "cuda":
+            mode = "reduce-overhead" if opts.cuda_graphs else None
+            fast.transformer.compile(mode=mode, dynamic=False)
+            fast.vae.decoder.compile(mode=mode, dynamic=False)
+        else:  # CPU: weights frozen into the graph (prepacked); the VAE decoder measured slower compiled
+            fast.transformer.compile(dynamic=False, options=CPU_COMPILE_OPTIONS)
     return fast
 
 
@@ -318,4 +768,5 @@ def describe(pipe: SprintPipeline) -> dict:
     """The fast options of a pipeline (all off for a plain :class:`SprintPipeline`)."""
     if isinstance(pipe, FastSprintPipeline):
         return asdict(pipe.fast)
-    return asdict(FastOptions(inference_mode=False, channels_last=False, bf16="off", linear_convs=False, trim_text=False))
+    return asdict(FastOptions(inference_mode=False, channels_last=False, bf16="off", linear_convs=False, trim_text=False,
+                              lean=False, cache_time=False))
