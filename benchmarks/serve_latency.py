@@ -49,7 +49,7 @@ def _pct(values: list[float], q: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model folder/name (default: shapes-sprint, else a tiny random model)")
-    p.add_argument("--controlnet", default=None, help="ControlNet folder (default: random untrained)")
+    p.add_argument("--controlnet", default=None, help="ControlNet folder (default: the model's shipped one, see serve; else random untrained)")
     p.add_argument("--device", default=None)
     p.add_argument("--steps", type=int, default=1, choices=(1, 2, 3, 4))
     p.add_argument("--n", type=int, default=30, help="timed requests (default: %(default)s)")

@@ -252,7 +252,9 @@ def test_distill_control_train_step_with_frozen_student_base_and_export_to_serve
 
     out = m.export(tmp_path / "student")
     assert json.loads((out / "sprint_config.json").read_text())["controlnet"] == "controlnet"
-    engine = load_engine(str(out), str(out / "controlnet"), device="cpu")
+    sprint = json.loads((out / "controlnet" / "controlnet_config.json").read_text())["sprint"]
+    assert sprint["kind"] == "student" and sprint["base"] == "unused"  # the frozen --student-init, not the teacher
+    engine = load_engine(str(out), None, device="cpu")  # finds out/controlnet by itself
     assert engine.info["controlnet"] and not engine.info["random_controlnet"] and engine.info["kind"] == "student"
     for k, v in m.student.controlnet.state_dict().items():
         assert torch.equal(engine.controlled.controlnet.state_dict()[k], v.half().float()), k

@@ -657,20 +657,21 @@ def subpixel_upsampling(decoder: nn.Module) -> int:
     equal up to float rounding, 16 instead of 36 multiply-adds per output pixel and channel pair.
     An instance-level ``forward`` override; :func:`restore_upsampling` undoes it. Returns how many blocks.
     """
-    n = 0
-    for m in decoder.modules():
-        if _is_subpixel_block(m) and "forward" not in m.__dict__:
-            m.forward = functools.partial(_upsample_block_forward, m)
-            n += 1
-    return n
+    return _override_forwards(decoder, _is_subpixel_block, _upsample_block_forward)
 
 
 def lean_resblocks(decoder: nn.Module) -> int:
     """DC-AE ``ResBlock``s (RMS norm, SiLU) of ``decoder`` with :func:`_lean_resblock_forward`; returns how many."""
+    return _override_forwards(decoder, _is_lean_resblock, _lean_resblock_forward)
+
+
+def _override_forwards(root: nn.Module, match, forward) -> int:
+    """Give every not yet overridden submodule ``m`` of ``root`` with ``match(m)`` the instance-level
+    ``forward(m, ...)``; returns how many."""
     n = 0
-    for m in decoder.modules():
-        if _is_lean_resblock(m) and "forward" not in m.__dict__:
-            m.forward = functools.partial(_lean_resblock_forward, m)
+    for m in root.modules():
+        if match(m) and "forward" not in m.__dict__:
+            m.forward = functools.partial(forward, m)
             n += 1
     return n
 

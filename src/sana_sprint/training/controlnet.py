@@ -324,7 +324,10 @@ def export_student_controlnet(method, folder: Path, dtype: torch.dtype) -> str:
     extra: dict[str, Any] = {}
     if cfg.controlnet and Path(cfg.controlnet).is_dir():
         extra = dict(SprintControlNet.read_config(cfg.controlnet).get("sprint", {}))
-    extra.update(kind="student", teacher_controlnet=cfg.controlnet, student_init=cfg.student_init,
+    # the base this ControlNet drives: the frozen --student-init folder, else the transformer exported
+    # next to it (the pipeline folder that holds this controlnet/ subfolder)
+    extra.update(kind="student", base=str(cfg.student_init) if cfg.student_init else "..",
+                 teacher_controlnet=cfg.controlnet, student_init=cfg.student_init,
                  control_train=method.control_train, steps=cfg.steps, default_steps=cfg.default_steps,
                  default_guidance=cfg.sample_guidance)
     method.student.controlnet.save_pretrained(folder / CONTROLNET_SUBFOLDER, dtype=dtype, extra=extra)
