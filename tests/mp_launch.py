@@ -48,3 +48,21 @@ def read_metrics(run: Path) -> list[dict]:
 def losses(run: Path, key: str = "loss") -> list[float]:
     """``key`` of every row of a run's metrics.jsonl."""
     return [r[key] for r in read_metrics(run)]
+
+
+def assert_logged_scalars_match(reference: list[dict], other: list[dict], steps: int, required: set[str],
+                                rtol: float = 1e-4, atol: float = 1e-6) -> dict[str, float]:
+    """Every logged scalar of two runs (except wall-clock keys) equal per step within rtol/atol; ``required``
+    must be among them. Returns the worst relative deviation per key (printed by the callers)."""
+    import numpy as np
+
+    assert len(reference) == len(other) == steps
+    keys = sorted(set(reference[0]) - {"time", "it_per_s"})
+    assert keys == sorted(set(other[0]) - {"time", "it_per_s"})
+    assert required <= set(keys)
+    worst = {}
+    for k in keys:
+        a, b = np.array([r[k] for r in reference]), np.array([r[k] for r in other])
+        worst[k] = float(np.max(np.abs(b - a) / np.maximum(np.abs(a), 1e-6)))
+        np.testing.assert_allclose(b, a, rtol=rtol, atol=atol, err_msg=k)
+    return worst

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mp_launch import accelerate_launch, checkpoint_tensors, losses
+from mp_launch import accelerate_launch, assert_logged_scalars_match, checkpoint_tensors, losses, read_metrics
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
@@ -383,17 +383,9 @@ def test_two_process_distillation_matches_one_process_with_the_global_batch(two_
     """2 processes x 4 rows == 1 process x 8 rows: every logged scalar per step and the weights after 4 steps."""
     torch.set_num_threads(1)
     distill_run(tmp_path / "one", DISTILL_STEPS)
-    read = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    one, two = read(tmp_path / "one"), read(two_process_run / "uninterrupted")
-    assert len(one) == len(two) == DISTILL_STEPS
-    keys = sorted(set(one[0]) - {"time", "it_per_s"})
-    assert keys == sorted(set(two[0]) - {"time", "it_per_s"})
-    assert {"loss", "loss_scm", "loss_adv_g", "loss_d", "ladd/d_fake", "grad_norm/discriminator"} <= set(keys)
-    worst = {}
-    for k in keys:
-        a, b = np.array([r[k] for r in one]), np.array([r[k] for r in two])
-        worst[k] = float(np.max(np.abs(b - a) / np.maximum(np.abs(a), 1e-6)))
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=k)
+    one, two = read_metrics(tmp_path / "one"), read_metrics(two_process_run / "uninterrupted")
+    worst = assert_logged_scalars_match(
+        one, two, DISTILL_STEPS, {"loss", "loss_scm", "loss_adv_g", "loss_d", "ladd/d_fake", "grad_norm/discriminator"})
     print("max relative deviation per logged key:", json.dumps(worst, indent=1))
     w1 = checkpoint_tensors(tmp_path / "one" / "checkpoints" / f"ckpt-{DISTILL_STEPS:07d}")
     w2 = checkpoint_tensors(two_process_run / "uninterrupted" / "checkpoints" / f"ckpt-{DISTILL_STEPS:07d}")
