@@ -15,8 +15,10 @@ from sana_sprint.data import conditions
 from sana_sprint.data.control_cache import ControlDataset, build_control_cache, condition_image
 from sana_sprint.data.latents import build_latent_cache
 from sana_sprint.data.shapes import ShapesWorld
+from sana_sprint.errors import ModelFolderError
 from sana_sprint.losses.flow_matching import FlowDraws, flow_matching_loss
-from sana_sprint.models.controlnet import SprintControlNet, encode_control
+from sana_sprint.models.controlnet import ControlledTrigFlow, SprintControlNet, encode_control
+from sana_sprint.models.wrapper import TrigFlowTransformer
 from sana_sprint.pipeline import SprintPipeline
 from sana_sprint.text import TextEncoder
 from sana_sprint.training import checkpoint as ckpt
@@ -168,6 +170,32 @@ def test_resume_restores_exactly(tmp_path, teacher_folder, data):
     assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
     assert torch.equal(ref.gen.get_state(), resumed.gen.get_state())
     assert ref.sched.state_dict() == resumed.sched.state_dict()
+
+
+def test_init_starts_from_a_trained_controlnet_and_refuses_a_mismatched_one(tmp_path, teacher_folder, data):
+    """``init``: the run starts from the folder's weights (the same velocity as that ControlNet on the
+    base, exactly), the export records it, and a ControlNet built for another architecture is refused."""
+    base, _, _ = load_teacher_folder(teacher_folder, "cpu")
+    trained = _teacher_controlnet(teacher_folder)
+    trained.save_pretrained(tmp_path / "cn0", dtype=torch.float32, extra={"kind": "teacher"})
+    m = _cn_method(teacher_folder, data, init=str(tmp_path / "cn0"))
+    assert not _changed(trained.state_dict(), m.controlnet.state_dict())
+    assert not _changed(trained.state_dict(), m.ema.shadow.state_dict())
+    b = data.batch(range(4))
+    x, t = torch.randn(b["latents"].shape, generator=torch.Generator().manual_seed(1)), torch.full((4,), 0.6)
+    c = b["control"] * data.scaling_factor
+    with torch.no_grad():
+        got = m.model.flow_velocity(x, t, b["embeds"], b["mask"], control=c)
+        ref = ControlledTrigFlow(TrigFlowTransformer(base), trained).flow_velocity(x, t, b["embeds"], b["mask"], control=c)
+        plain = m.model.flow_velocity(x, t, b["embeds"], b["mask"], control=None)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert (got - plain).abs().max() > 1e-3  # the loaded ControlNet is not a zero start
+    cfg = json.loads((m.export(tmp_path / "out") / "controlnet_config.json").read_text())
+    assert cfg["sprint"]["init"] == str(tmp_path / "cn0")
+    other = SprintControlNet.from_base(tiny_transformer(guidance_embeds=False, seed=5, num_layers=3, attention_head_dim=4))
+    other.save_pretrained(tmp_path / "cn_other", extra={"kind": "teacher"})
+    with pytest.raises(ModelFolderError, match="does not fit"):
+        _cn_method(teacher_folder, data, init=str(tmp_path / "cn_other"))
 
 
 # --- distillation control path ----------------------------------------------------------------------

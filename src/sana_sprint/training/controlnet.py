@@ -71,6 +71,9 @@ class ControlNetConfig(TrainerConfig):
     control_cache: str | None = None  # default: <latent cache>-<condition>
     condition: Literal["scribble", "edges"] = "scribble"
     num_blocks: int = DEFAULT_NUM_BLOCKS  # copied base blocks (capped at depth - 1)
+    # Start from this ControlNet folder instead of copies of the base blocks: moves a trained
+    # ControlNet onto a new version of its base (num_blocks then comes from the folder).
+    init: str | None = None
     conditioning_scale: float = 1.0
     batch: int = 64
     lr: float = 2e-4
@@ -149,7 +152,14 @@ class ControlNetMethod(Method):
         self.latent_shape = tuple(latent_shape)
         base = base.to(self.device, torch.float32).eval().requires_grad_(False)
         self.base = TrigFlowTransformer(base)
-        self.controlnet = SprintControlNet.from_base(base, cfg.num_blocks).to(self.device, torch.float32)
+        if cfg.init:
+            try:
+                net = SprintControlNet.from_pretrained(cfg.init, base=base)
+            except ValueError as e:  # check_base: built for another architecture
+                raise ModelFolderError(f"init {cfg.init}: {e}") from None
+            self.controlnet = net.to(self.device, torch.float32)
+        else:
+            self.controlnet = SprintControlNet.from_base(base, cfg.num_blocks).to(self.device, torch.float32)
         self.model = ControlledTrigFlow(self.base, self.controlnet, cfg.conditioning_scale)
         self.ema = EMA(self.controlnet, cfg.ema_decay, warmup=cfg.ema_warmup)
         self.ema_model = ControlledTrigFlow(self.base, self.ema.shadow, cfg.conditioning_scale)
@@ -244,6 +254,7 @@ class ControlNetMethod(Method):
             shutil.rmtree(tmp)
         extra = {"kind": "teacher", "condition": self.cfg.condition, "conditioning_scale": self.cfg.conditioning_scale,
                  "base": str(self.base_dir) if self.base_dir else None, "steps": self.cfg.steps,
+                 "init": self.cfg.init,
                  "default_steps": self.cfg.sample_steps, "default_guidance": self.cfg.sample_guidance}
         self.ema.shadow.save_pretrained(tmp, dtype=dtype, extra=extra)
         if out.exists():
