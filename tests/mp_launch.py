@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -54,8 +55,6 @@ def assert_logged_scalars_match(reference: list[dict], other: list[dict], steps:
                                 rtol: float = 1e-4, atol: float = 1e-6) -> dict[str, float]:
     """Every logged scalar of two runs (except wall-clock keys) equal per step within rtol/atol; ``required``
     must be among them. Returns the worst relative deviation per key (printed by the callers)."""
-    import numpy as np
-
     assert len(reference) == len(other) == steps
     keys = sorted(set(reference[0]) - {"time", "it_per_s"})
     assert keys == sorted(set(other[0]) - {"time", "it_per_s"})

@@ -196,7 +196,10 @@ class SprintControlNet(nn.Module):
         net = cls(config["base_config"], config["num_blocks"])
         net.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
         if base is not None:
-            net.check_base(base)
+            try:
+                net.check_base(base)
+            except ValueError as e:  # a user's folder built for another base: one-line error, no traceback
+                raise ModelFolderError(f"{folder}: {e}") from None
             param = next(base.parameters())
             net.to(param.device, param.dtype)
         return net

@@ -152,14 +152,9 @@ class ControlNetMethod(Method):
         self.latent_shape = tuple(latent_shape)
         base = base.to(self.device, torch.float32).eval().requires_grad_(False)
         self.base = TrigFlowTransformer(base)
-        if cfg.init:
-            try:
-                net = SprintControlNet.from_pretrained(cfg.init, base=base)
-            except ValueError as e:  # check_base: built for another architecture
-                raise ModelFolderError(f"init {cfg.init}: {e}") from None
-            self.controlnet = net.to(self.device, torch.float32)
-        else:
-            self.controlnet = SprintControlNet.from_base(base, cfg.num_blocks).to(self.device, torch.float32)
+        net = (SprintControlNet.from_pretrained(cfg.init, base=base) if cfg.init
+               else SprintControlNet.from_base(base, cfg.num_blocks))
+        self.controlnet = net.to(self.device, torch.float32)
         self.model = ControlledTrigFlow(self.base, self.controlnet, cfg.conditioning_scale)
         self.ema = EMA(self.controlnet, cfg.ema_decay, warmup=cfg.ema_warmup)
         self.ema_model = ControlledTrigFlow(self.base, self.ema.shadow, cfg.conditioning_scale)
