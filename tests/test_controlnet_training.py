@@ -278,10 +278,18 @@ def test_distill_control_train_step_with_frozen_student_base_and_export_to_serve
     m.sample_grid(tmp_path / "grid.png")
     assert (tmp_path / "grid.png").is_file()
 
+    tcn_dir = tmp_path / "teacher_cn"  # a teacher ControlNet folder with its own training record
+    m.teacher.controlnet.save_pretrained(tcn_dir, dtype=torch.float16, extra={
+        "kind": "teacher", "condition": "scribble", "conditioning_scale": 0.7, "init": "elsewhere",
+        "trained_steps": 1234, "default_steps": 20})
+    m.cfg.controlnet = str(tcn_dir)
     out = m.export(tmp_path / "student")
     assert json.loads((out / "sprint_config.json").read_text())["controlnet"] == "controlnet"
     sprint = json.loads((out / "controlnet" / "controlnet_config.json").read_text())["sprint"]
     assert sprint["kind"] == "student" and sprint["base"] == "unused"  # the frozen --student-init, not the teacher
+    assert sprint["condition"] == "scribble" and sprint["conditioning_scale"] == 0.7  # the control signal carries over
+    assert "init" not in sprint and sprint["teacher_controlnet"] == str(tcn_dir)  # the teacher's record does not
+    assert sprint["default_steps"] == m.cfg.default_steps and sprint.get("trained_steps") != 1234
     engine = load_engine(str(out), None, device="cpu")  # finds out/controlnet by itself
     assert engine.info["controlnet"] and not engine.info["random_controlnet"] and engine.info["kind"] == "student"
     for k, v in m.student.controlnet.state_dict().items():

@@ -69,3 +69,53 @@ def test_teacher_learns_and_exports(tmp_path, cache, vae, text_encoder):
     assert pipe.kind == "teacher"
     img = pipe("a red circle", steps=2, seed=0, output_type="pt").images
     assert img.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and torch.isfinite(img).all()
+
+
+def test_init_from_a_teacher_folder_copies_weights_and_can_add_a_position_embedding(tmp_path, cache):
+    from sana_sprint.errors import ModelFolderError
+    from sana_sprint.training.teacher import init_from_folder
+
+    data = LatentDataset(cache)
+    base = dict(out=str(tmp_path / "run"), preset="tiny", model={}, progress=False, resolution=IMAGE_SIZE)
+    seed_everything(0)
+    src = TeacherMethod(TeacherConfig.from_dict(base), data, torch.device("cpu"))
+    with torch.no_grad():
+        for p in src.transformer.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # zero-initialised layers become non-trivial
+    src.transformer.save_pretrained(tmp_path / "teacher" / "transformer")
+    c, h, w = data.latent_shape
+    x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(1))
+    e, m = data.null_embedding()
+    e, m = e.expand(2, *e.shape[1:]).float(), m.expand(2, *m.shape[1:])
+    t = torch.tensor([0.3, 0.8])
+
+    def velocity(tr):
+        with torch.no_grad():
+            return tr(x, encoder_hidden_states=e, encoder_attention_mask=m, timestep=t, return_dict=False)[0]
+
+    ref = velocity(src.transformer)
+    seed_everything(5)  # a different random start, overwritten by --init
+    same = TeacherMethod(TeacherConfig.from_dict(base), data, torch.device("cpu"))
+    init_from_folder(same, tmp_path / "teacher")
+    torch.testing.assert_close(velocity(same.transformer), ref, rtol=0, atol=0)
+    torch.testing.assert_close(velocity(same.ema.shadow), ref, rtol=0, atol=0)
+
+    pe = TeacherMethod(TeacherConfig.from_dict({**base, "model": {"interpolation_scale": 1}}), data, torch.device("cpu"))
+    init_from_folder(pe, tmp_path / "teacher")
+    assert pe.transformer.patch_embed.pos_embed is not None
+    for k, v in src.transformer.state_dict().items():
+        assert torch.equal(pe.transformer.state_dict()[k], v), k
+    # Independent check of the position path: the NoPE model fed (patch embedding + PE) by hand.
+    pos = pe.transformer.patch_embed.pos_embed
+    hook = src.transformer.patch_embed.register_forward_hook(lambda mod, inp, out: out + pos)
+    try:
+        torch.testing.assert_close(velocity(pe.transformer), velocity(src.transformer), rtol=1e-5, atol=1e-6)
+    finally:
+        hook.remove()
+    assert (velocity(pe.transformer) - ref).abs().max() > 1e-3  # the PE is not a no-op
+
+    wider = TeacherMethod(TeacherConfig.from_dict({**base, "model": {"num_layers": 3}}), data, torch.device("cpu"))
+    with pytest.raises(ModelFolderError, match="does not match"):
+        init_from_folder(wider, tmp_path / "teacher")
+    with pytest.raises(ModelFolderError, match="not a teacher folder"):
+        init_from_folder(same, tmp_path / "nowhere")

@@ -251,6 +251,7 @@ class TeacherConfig(TrainerConfig):
     max_length: int = 32
     preset: Literal["shapes_teacher", "tiny"] = "shapes_teacher"
     model: dict = dataclasses.field(default_factory=lambda: dict(SHAPES_TEACHER_OVERRIDES))  # preset overrides
+    init: str | None = None  # start (weights and EMA) from this teacher folder instead of random weights
     timestep_scale: float = 1.0  # time fed as t * scale: 1 = dense time; 1000 = legacy SANA (see finetune-teacher)
     qk_norm: bool = True  # QK RMS-norm in every attention; off only for legacy teachers
     batch: int = 64

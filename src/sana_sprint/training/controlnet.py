@@ -324,12 +324,18 @@ def resolve_control_train(mode: str, has_student_init: bool) -> Literal["control
     return mode  # type: ignore[return-value]
 
 
+INHERITED_CONTROL_KEYS = ("condition", "conditioning_scale")  # teacher ControlNet -> student ControlNet metadata
+
+
 def export_student_controlnet(method, folder: Path, dtype: torch.dtype) -> str:
     """Write the student's ControlNet into ``folder/controlnet``; returns the subfolder name."""
     cfg = method.cfg
     extra: dict[str, Any] = {}
     if cfg.controlnet and Path(cfg.controlnet).is_dir():
-        extra = dict(SprintControlNet.read_config(cfg.controlnet).get("sprint", {}))
+        # only what describes the control signal carries over; the teacher's training record
+        # (its init, step counts, default steps) belongs to the teacher ControlNet, not this one
+        teacher_info = SprintControlNet.read_config(cfg.controlnet).get("sprint", {})
+        extra = {k: teacher_info[k] for k in INHERITED_CONTROL_KEYS if k in teacher_info}
     # the base this ControlNet drives: the frozen --student-init folder, else the transformer exported
     # next to it (the pipeline folder that holds this controlnet/ subfolder)
     extra.update(kind="student", base=str(cfg.student_init) if cfg.student_init else "..",

@@ -203,7 +203,7 @@ def finetune_teacher_command(parser: argparse.ArgumentParser):
     parser.add_argument("--config", default=None, help="JSON config file (flags override it)")
     parser.add_argument("--dry-run", action="store_true", help="print the final config and exit")
     # The model, VAE, text encoder, caption length and resolution come from the teacher folder.
-    FinetuneConfig.add_arguments(parser, skip=("preset", "model", "vae", "text_encoder", "max_length", "resolution"))
+    FinetuneConfig.add_arguments(parser, skip=("preset", "model", "init", "vae", "text_encoder", "max_length", "resolution"))
 
     def run(args: argparse.Namespace) -> int:
         cfg = FinetuneConfig.from_args(args, args.config)

@@ -248,6 +248,34 @@ def prepare_data(cfg: TeacherConfig, vae, device: torch.device) -> LatentDataset
     return LatentDataset(cache)
 
 
+def init_from_folder(method: TeacherMethod, folder: str | Path) -> None:
+    """Load a trained teacher's transformer into ``method`` (weights and EMA): ``train-teacher --init``.
+
+    ``folder`` is a teacher pipeline folder (or its ``transformer/``). Every parameter must match by
+    name and shape; config options that hold no weights may differ, e.g. ``interpolation_scale``
+    (the sin-cos position embedding is a fixed buffer), which is how a position embedding is added
+    to a teacher trained without one. A checkpoint in ``out`` still wins (``--resume``).
+    """
+    from ..errors import ModelFolderError
+
+    folder = Path(folder)
+    sub = folder / "transformer" if (folder / "transformer").is_dir() else folder
+    if not (sub / "config.json").is_file():
+        raise ModelFolderError(f"--init {folder}: not a teacher folder (no transformer/config.json)")
+    source = SanaTransformer2DModel.from_pretrained(sub, torch_dtype=torch.float32)
+    if source.config.guidance_embeds:
+        raise ModelFolderError(f"--init {folder}: the transformer has guidance embeddings (a student?), not a teacher")
+    theirs, ours = source.state_dict(), method.transformer.state_dict()
+    bad = sorted(k for k in set(theirs) | set(ours) if k not in theirs or k not in ours or theirs[k].shape != ours[k].shape)
+    if bad:
+        raise ModelFolderError(f"--init {folder}: its transformer does not match this config's architecture "
+                               f"({len(bad)} weights differ, first {bad[0]!r}); set `model` to its options")
+    with torch.no_grad():
+        method.transformer.load_state_dict(theirs)
+        method.ema.shadow.load_state_dict(theirs)
+    logger.info("initialised the teacher (and its EMA) from %s", folder)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = TeacherConfig.from_args(args, args.config)
     if args.dry_run:
@@ -263,6 +291,8 @@ def run(args: argparse.Namespace) -> int:
         data = prepare_data(cfg, vae, device)
     seed_everything(cfg.seed)
     method = TeacherMethod(cfg, data, device, vae=vae)
+    if cfg.init:
+        init_from_folder(method, cfg.init)
     logger.info("teacher: %.2f M parameters, %d cached samples", method.num_parameters / 1e6, len(data))
     out = Trainer(method, data.loader(cfg.batch, cfg.seed), cfg, device).fit_and_export()
     if out is not None:
