@@ -145,3 +145,34 @@ def test_dataset_workers_see_disjoint_indices():
     world = ShapesWorld(32)
     # DataLoader alternates workers: worker 0 -> 0, 2, 4 ...; worker 1 -> 1, 3, 5 ...
     assert got == [world.sample(2, i).caption for i in range(6)]
+
+
+def test_task_mix_spec_changes_task_frequencies_deterministically():
+    from collections import Counter
+
+    from sana_sprint.data.imagefolder import make_dataset
+    from sana_sprint.data.shapes import is_shapes_spec, parse_shapes_spec
+
+    assert parse_shapes_spec("shapes") is None
+    w = parse_shapes_spec("shapes:position=3,counting=0")
+    assert w == {**dict.fromkeys(TASKS, 1.0), "position": 3.0, "counting": 0.0}
+    assert is_shapes_spec("shapes:position=2") and not is_shapes_spec("shapes_folder") and not is_shapes_spec(3)
+    for bad in ("shapes:", "shapes:posiiton=2", "shapes:position", "shapes:position=x", "shapes:position=-1",
+                "shapes:position=inf", "shapes:" + ",".join(f"{t}=0" for t in TASKS), "shape:position=2"):
+        with pytest.raises(ValueError):
+            parse_shapes_spec(bad)
+    world = ShapesWorld(32)
+    n = 3000
+    tags = Counter(world.scene(0, i, task_weights=w)[1]["tag"] for i in range(n))
+    p = 3 / 7  # position weight 3 of a total 1 + 1 + 0 + 1 + 3 + 1
+    assert tags["counting"] == 0
+    assert abs(tags["position"] / n - p) < 4 * (p * (1 - p) / n) ** 0.5  # binomial, 4 sigma
+    for t in ("single_object", "two_object", "colors", "color_attr"):
+        assert abs(tags[t] / n - 1 / 7) < 4 * ((1 / 7) * (6 / 7) / n) ** 0.5, t
+    # a pure function of (seed, index, weights); the default world is unchanged by the option
+    a, b = world.sample(0, 17, task_weights=w), world.sample(0, 17, task_weights=dict(w))
+    assert a.caption == b.caption and np.array_equal(a.image, b.image)
+    assert world.sample(0, 17).caption == world.sample(0, 17, task_weights=None).caption
+    ds = iter(make_dataset("shapes:position=1,single_object=0,two_object=0,counting=0,colors=0,color_attr=0", size=32))
+    assert all(" left of " in c or " right of " in c or " above " in c or " below " in c or " under " in c
+               for c in (next(ds)["caption"] for _ in range(20)))

@@ -119,3 +119,15 @@ def test_init_from_a_teacher_folder_copies_weights_and_can_add_a_position_embedd
         init_from_folder(wider, tmp_path / "teacher")
     with pytest.raises(ModelFolderError, match="not a teacher folder"):
         init_from_folder(same, tmp_path / "nowhere")
+
+
+def test_task_mix_data_spec_gets_its_own_cache_and_bad_specs_are_config_errors(tmp_path):
+    from sana_sprint.training.config import ConfigError
+    from sana_sprint.training.teacher import default_cache_dir
+
+    cfg = TeacherConfig.from_dict(dict(out=str(tmp_path / "run"), data="shapes:position=3", cache_samples=100))
+    assert default_cache_dir(cfg) == (tmp_path / "cache" / "shapes-position3-mix-100-r64").resolve()
+    plain = TeacherConfig.from_dict(dict(out=str(tmp_path / "run"), cache_samples=100))
+    assert default_cache_dir(plain).name == "shapes-100-r64"
+    with pytest.raises(ConfigError, match="data: .*posiiton"):
+        TeacherConfig.from_dict(dict(data="shapes:posiiton=3"))

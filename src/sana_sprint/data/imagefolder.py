@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sana_sprint.data.shapes import ShapesDataset, to_tensor
+from sana_sprint.data.shapes import ShapesDataset, is_shapes_spec, parse_shapes_spec, to_tensor
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 METADATA = "metadata.jsonl"
@@ -97,9 +97,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 
 def make_dataset(spec: str, size: int = 64, seed: int = 0):
-    """``"shapes"`` -> infinite ShapesDataset; a folder path -> ImageFolderDataset."""
-    if spec == "shapes":
-        return ShapesDataset(size=size, seed=seed)
+    """``"shapes"`` (or ``"shapes:TASK=WEIGHT,..."``) -> infinite ShapesDataset; a folder path -> ImageFolderDataset."""
+    if is_shapes_spec(spec):
+        return ShapesDataset(size=size, seed=seed, task_weights=parse_shapes_spec(spec))
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"dataset {spec!r}: not 'shapes' and no such folder. Pass 'shapes' or a folder "

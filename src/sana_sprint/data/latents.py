@@ -42,11 +42,11 @@ def is_latent_cache(path: str | Path) -> bool:
 def _items(dataset_spec: Any, size: int, seed: int, start: int) -> Iterator[dict]:
     """Samples start, start+1, ... of a dataset spec ("shapes", a folder, or a dataset object)."""
     from .imagefolder import make_dataset
-    from .shapes import ShapesDataset
+    from .shapes import ShapesDataset, is_shapes_spec, parse_shapes_spec
 
     if isinstance(dataset_spec, str | Path):
-        if str(dataset_spec) == "shapes":
-            yield from ShapesDataset(size=size, seed=seed, start=start)
+        if is_shapes_spec(str(dataset_spec)):
+            yield from ShapesDataset(size=size, seed=seed, start=start, task_weights=parse_shapes_spec(str(dataset_spec)))
             return
         ds = make_dataset(str(dataset_spec), size=size, seed=seed)
     else:

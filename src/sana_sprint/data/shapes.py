@@ -57,6 +57,40 @@ _RELATION_WORDS = {
 }
 
 
+def parse_shapes_spec(spec: str) -> dict[str, float] | None:
+    """Task weights of a shapes data spec: ``"shapes"`` -> None (uniform over TASKS, the default world);
+    ``"shapes:position=3,counting=2"`` -> relative weights (unnamed tasks weigh 1).
+
+    The weights change which task each world index draws (and so its scene); the same spec always
+    gives the same samples. Raises ValueError for an unknown task or a bad weight.
+    """
+    if spec == "shapes":
+        return None
+    head, sep, body = spec.partition(":")
+    if head != "shapes" or not sep or not body:
+        raise ValueError(f"data spec {spec!r}: expected 'shapes' or 'shapes:TASK=WEIGHT,...' with TASK in {TASKS}")
+    weights = dict.fromkeys(TASKS, 1.0)
+    for item in body.split(","):
+        task, eq, value = item.partition("=")
+        task = task.strip()
+        if task not in TASKS or not eq:
+            raise ValueError(f"data spec {spec!r}: {item!r} is not TASK=WEIGHT with TASK in {TASKS}")
+        try:
+            w = float(value)
+        except ValueError:
+            raise ValueError(f"data spec {spec!r}: weight {value!r} of {task} is not a number") from None
+        if not w >= 0 or w == float("inf"):
+            raise ValueError(f"data spec {spec!r}: weight of {task} must be finite and >= 0, got {value}")
+        weights[task] = w
+    if sum(weights.values()) <= 0:
+        raise ValueError(f"data spec {spec!r}: all task weights are 0")
+    return weights
+
+
+def is_shapes_spec(spec) -> bool:
+    return isinstance(spec, str) and (spec == "shapes" or spec.startswith("shapes:"))
+
+
 @dataclass
 class ShapesSample:
     image: np.ndarray  # uint8 [H, W, 3]
@@ -138,10 +172,16 @@ class ShapesWorld:
                 return placed
         raise RuntimeError(f"could not place {specs} (relation={relation})")  # pragma: no cover
 
-    def scene(self, seed: int, index: int, task: str | None = None) -> tuple[list[dict], dict, np.ndarray]:
-        """(objects, meta, background rgb) for (seed, index); `task` forces a task family."""
+    def scene(self, seed: int, index: int, task: str | None = None, task_weights: dict[str, float] | None = None
+              ) -> tuple[list[dict], dict, np.ndarray]:
+        """(objects, meta, background rgb) for (seed, index); `task` forces a task family, `task_weights`
+        (see :func:`parse_shapes_spec`) changes how often each is drawn."""
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index) & 0xFFFFFFFFFFFF, 0x5A4E])
-        tag = TASKS[int(rng.integers(len(TASKS)))]
+        if task_weights is None:
+            tag = TASKS[int(rng.integers(len(TASKS)))]
+        else:
+            w = np.array([float(task_weights.get(t, 1.0)) for t in TASKS])
+            tag = TASKS[int(rng.choice(len(TASKS), p=w / w.sum()))]
         if task is not None:
             if task not in TASKS:
                 raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
@@ -190,8 +230,9 @@ class ShapesWorld:
         bg = np.clip(bg + rng.integers(-3, 4, size=3), 0, 255)
         return objects, meta, bg
 
-    def sample(self, seed: int, index: int, task: str | None = None) -> ShapesSample:
-        objects, meta, bg = self.scene(seed, index, task)
+    def sample(self, seed: int, index: int, task: str | None = None, task_weights: dict[str, float] | None = None
+               ) -> ShapesSample:
+        objects, meta, bg = self.scene(seed, index, task, task_weights)
         image = self.render(objects, background=bg)
         return ShapesSample(image=image, caption=meta["prompt"], meta=meta, objects=objects)
 
@@ -241,10 +282,10 @@ class ShapesDataset(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, size: int = 64, seed: int = 0, start: int = 0, rank: int = 0, world_size: int = 1,
-                 with_meta: bool = False):
+                 with_meta: bool = False, task_weights: dict[str, float] | None = None):
         super().__init__()
         self.world = ShapesWorld(size)
-        self.size, self.seed, self.start = size, seed, start
+        self.size, self.seed, self.start, self.task_weights = size, seed, start, task_weights
         self.rank, self.world_size, self.with_meta = rank, world_size, with_meta
 
     def __iter__(self):
@@ -253,7 +294,7 @@ class ShapesDataset(torch.utils.data.IterableDataset):
         stride = self.world_size * nw
         index = self.start + self.rank * nw + wid
         while True:
-            s = self.world.sample(self.seed, index)
+            s = self.world.sample(self.seed, index, task_weights=self.task_weights)
             item = {"image": to_tensor(s.image), "caption": s.caption}
             if self.with_meta:
                 item["meta"] = s.meta

@@ -279,6 +279,13 @@ class TeacherConfig(TrainerConfig):
         _non_negative(self, "warmup", "weight_decay", "sample_guidance")
         if self.resolution % 8:
             raise ConfigError(f"resolution: must be a multiple of 8, got {self.resolution}")
+        if self.data.startswith("shapes:"):
+            from ..data.shapes import parse_shapes_spec
+
+            try:
+                parse_shapes_spec(self.data)
+            except ValueError as e:
+                raise ConfigError(f"data: {e}") from None
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"caption_dropout: must be in [0, 1), got {self.caption_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:

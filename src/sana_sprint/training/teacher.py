@@ -21,6 +21,7 @@ from diffusers import SanaTransformer2DModel
 
 from ..data.latents import LatentDataset, build_latent_cache, is_latent_cache
 from ..losses.flow_matching import flow_matching_loss
+from ..data.shapes import parse_shapes_spec
 from ..models import presets
 from ..models.wrapper import TrigFlowTransformer
 from ..sampling import cfg_batched, flow_euler, randn
@@ -215,7 +216,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def default_cache_dir(cfg: TeacherConfig) -> Path:
     if cfg.cache:
         return Path(cfg.cache)
-    slug = "shapes" if cfg.data == "shapes" else Path(cfg.data).resolve().name
+    if cfg.data.startswith("shapes:"):  # a task mix: its own cache ("shapes-position3-counting2-...")
+        slug = "-".join(["shapes"] + [f"{t}{w:g}" for t, w in parse_shapes_spec(cfg.data).items() if w != 1.0] + ["mix"])
+    else:
+        slug = "shapes" if cfg.data == "shapes" else Path(cfg.data).resolve().name
     return Path(cfg.out).resolve().parent / "cache" / f"{slug}-{cfg.cache_samples}-r{cfg.resolution}"
 
 
