@@ -113,3 +113,23 @@ def test_pil_output_matches_diffusers(folders, tokenizer, bert):
 def test_default_schedule_is_not_half_pi_rounding():
     # sprint_config stores 1.5708 like diffusers; pi/2 itself would also be valid.
     assert abs(1.5708 - math.pi / 2) < 1e-4
+
+
+def test_student_with_sincos_position_embedding_matches_diffusers(tmp_path, tokenizer, bert):
+    """Students of teacher v3 carry diffusers' sin-cos position embedding (interpolation_scale=1)."""
+    te = TextEncoder(tokenizer, bert, max_length=MAX_LENGTH)
+    student = tiny_transformer(guidance_embeds=True, seed=3, interpolation_scale=1)
+    assert student.patch_embed.pos_embed is not None
+    folder = save_tiny_pipeline(tmp_path, te, student, kind="student", vae_seed=4)
+    ours = SprintPipeline.from_pretrained(folder)
+    assert ours.transformer.config.interpolation_scale == 1
+    out = ours(PROMPTS, timesteps=[1.5708, 1.3, 0.0], guidance_scale=W, generator=_gens(len(PROMPTS)), output_type="pt")
+    ref = _diffusers(folder, tokenizer, bert, 2, None, "pt")
+    assert (out.images - ref).abs().max() <= 1e-5 and ref.std() > 1e-3
+    # the embedding is used: the same weights without it give another image
+    plain = tiny_transformer(guidance_embeds=True, seed=3)
+    plain.load_state_dict(student.state_dict())
+    nope = save_tiny_pipeline(tmp_path / "nope", te, plain, kind="student", vae_seed=4)
+    other = SprintPipeline.from_pretrained(nope)(PROMPTS, timesteps=[1.5708, 1.3, 0.0], guidance_scale=W,
+                                                 generator=_gens(len(PROMPTS)), output_type="pt").images
+    assert (other - ref).abs().max() > 1e-3

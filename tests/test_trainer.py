@@ -287,3 +287,19 @@ def test_time_limit_stops_with_a_checkpoint_and_resume_continues(tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["ckpt-0000001"]
     tr2 = Trainer(ToyMethod(), _data(), cfg.replace(max_minutes=0.0, resume=True, steps=3))
     assert tr2.fit() == 3
+
+
+def test_stop_at_checkpoints_at_that_step_and_resume_matches_one_uninterrupted_run(tmp_path):
+    full = ToyMethod()
+    Trainer(full, _data(), TrainerConfig(out=str(tmp_path / "a"), steps=30, progress=False, sample_every=0,
+                                         ckpt_every=100)).fit()
+    cfg = TrainerConfig(out=str(tmp_path / "b"), steps=30, stop_at=12, progress=False, sample_every=0, ckpt_every=100)
+    first = ToyMethod()
+    assert Trainer(first, _data(), cfg).fit() == 12
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["ckpt-0000012"]
+    assert first.sched.last_epoch == 12
+    second = ToyMethod()
+    assert Trainer(second, _data(), cfg.replace(stop_at=0, resume=True)).fit() == 30
+    assert _equal_states(_snapshot(second), _snapshot(full))
+    with pytest.raises(ConfigError, match="stop_at"):
+        TrainerConfig(out="x", steps=10, stop_at=11).validate()

@@ -204,6 +204,7 @@ class TrainerConfig(ConfigBase):
     progress: bool = True  # tqdm bar
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time; 0 = no limit
+    stop_at: int = 0  # stop (with a checkpoint) at this step; schedules still run to `steps`; 0 = at `steps`
     # Recompute the transformer blocks of the trained networks in backward (less activation memory,
     # ~1 extra forward). Never active inside the sCM JVP (it runs under no_grad with checkpointing off).
     gradient_checkpointing: bool = False
@@ -215,7 +216,9 @@ class TrainerConfig(ConfigBase):
     def validate(self) -> None:
         super().validate()
         _positive(self, "steps", "log_every", "ckpt_every")
-        _non_negative(self, "grad_clip", "keep_last", "sample_every", "threads", "max_minutes")
+        _non_negative(self, "grad_clip", "keep_last", "sample_every", "threads", "max_minutes", "stop_at")
+        if self.stop_at > self.steps:
+            raise ConfigError(f"stop_at: {self.stop_at} is past steps={self.steps} (the end of the schedule)")
         if not self.out:
             raise ConfigError("out: must name a run directory")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith(("cuda", "mps"))):

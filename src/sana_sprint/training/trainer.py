@@ -436,7 +436,8 @@ class Trainer:
         """Train to ``config.steps`` (resuming first when ``config.resume``); returns the final step.
 
         With ``config.max_minutes`` the loop also stops (after a checkpoint) once that much wall time
-        has passed; ``--resume`` continues towards ``steps``.
+        has passed, with ``config.stop_at`` at that step (learning-rate schedules still see ``steps``);
+        ``--resume`` continues towards ``steps``.
         """
         cfg = self.config
         if cfg.threads:
@@ -468,7 +469,8 @@ class Trainer:
         t_window, n_window = 0.0, 0  # seconds spent in data + train_step (it/s excludes sampling, saving)
         saved_at = self.step if cfg.resume else -1
         deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
-        while self.step < cfg.steps:
+        end = cfg.stop_at or cfg.steps
+        while self.step < end:
             t0 = time.perf_counter()
             batch = to_device(next(it), self.device)
             self.batches_drawn += 1
@@ -484,7 +486,7 @@ class Trainer:
                 if "loss" in window:
                     bar.set_postfix(loss=f"{window['loss'][-1]:.4f}", refresh=False)
 
-            last = self.step == cfg.steps
+            last = self.step == end
             if self.step % cfg.log_every == 0 or last:
                 dt = t_window
                 # window means, averaged over ranks (= the global-batch value for per-sample means)
