@@ -20,8 +20,8 @@ import torch
 from diffusers import SanaTransformer2DModel
 
 from ..data.latents import LatentDataset, build_latent_cache, is_latent_cache
-from ..losses.flow_matching import flow_matching_loss
 from ..data.shapes import parse_shapes_spec
+from ..losses.flow_matching import flow_matching_loss
 from ..models import presets
 from ..models.wrapper import TrigFlowTransformer
 from ..sampling import cfg_batched, flow_euler, randn
