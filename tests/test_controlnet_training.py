@@ -178,6 +178,9 @@ def test_init_starts_from_a_trained_controlnet_and_refuses_a_mismatched_one(tmp_
     base, _, _ = load_teacher_folder(teacher_folder, "cpu")
     trained = _teacher_controlnet(teacher_folder)
     trained.save_pretrained(tmp_path / "cn0", dtype=torch.float32, extra={"kind": "teacher"})
+    saved = json.loads((tmp_path / "cn0" / "controlnet_config.json").read_text())
+    saved["base_config"]["interpolation_scale"] = 1  # trained on a base that differed without weights
+    (tmp_path / "cn0" / "controlnet_config.json").write_text(json.dumps(saved))
     m = _cn_method(teacher_folder, data, init=str(tmp_path / "cn0"))
     assert not _changed(trained.state_dict(), m.controlnet.state_dict())
     assert not _changed(trained.state_dict(), m.ema.shadow.state_dict())
@@ -192,6 +195,8 @@ def test_init_starts_from_a_trained_controlnet_and_refuses_a_mismatched_one(tmp_
     assert (got - plain).abs().max() > 1e-3  # the loaded ControlNet is not a zero start
     cfg = json.loads((m.export(tmp_path / "out") / "controlnet_config.json").read_text())
     assert cfg["sprint"]["init"] == str(tmp_path / "cn0")
+    assert cfg["base_config"] == {k: v for k, v in dict(base.config).items() if not k.startswith("_")}
+    assert cfg["base_config"]["interpolation_scale"] is None  # the base it was moved onto, not the init's
     other = SprintControlNet.from_base(tiny_transformer(guidance_embeds=False, seed=5, num_layers=3, attention_head_dim=4))
     other.save_pretrained(tmp_path / "cn_other", extra={"kind": "teacher"})
     with pytest.raises(ModelFolderError, match="does not fit"):

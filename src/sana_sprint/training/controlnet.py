@@ -152,8 +152,13 @@ class ControlNetMethod(Method):
         self.latent_shape = tuple(latent_shape)
         base = base.to(self.device, torch.float32).eval().requires_grad_(False)
         self.base = TrigFlowTransformer(base)
-        net = (SprintControlNet.from_pretrained(cfg.init, base=base) if cfg.init
-               else SprintControlNet.from_base(base, cfg.num_blocks))
+        if cfg.init:
+            net = SprintControlNet.from_pretrained(cfg.init, base=base)
+            # it now drives this base: record its config (options without weights, e.g. the position
+            # embedding's interpolation_scale, may differ from the base the init was trained on)
+            net.base_config = {k: v for k, v in dict(base.config).items() if not k.startswith("_")}
+        else:
+            net = SprintControlNet.from_base(base, cfg.num_blocks)
         self.controlnet = net.to(self.device, torch.float32)
         self.model = ControlledTrigFlow(self.base, self.controlnet, cfg.conditioning_scale)
         self.ema = EMA(self.controlnet, cfg.ema_decay, warmup=cfg.ema_warmup)
