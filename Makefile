@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint venv clean reproduce browser-deps
+.PHONY: demo test test-all lint venv clean reproduce teacher browser-deps
 
 venv: $(STAMP)
 
@@ -25,6 +25,16 @@ demo: $(STAMP)
 REPRODUCE_ARGS ?=
 reproduce: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python scripts/reproduce.py --budget full $(REPRODUCE_ARGS)
+
+# The shipped shapes teacher (v3) from scratch, stage by stage (~343 CPU-minutes on 2 cores; every stage
+# resumes from its checkpoints if interrupted; --stop-at replays the steps where our runs were stopped
+# by their time limits). Result: runs/teacher_pe/export (= models/shapes-teacher).
+teacher: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/sana-sprint train-teacher --config configs/shapes-teacher.json --resume --stop-at 4219 --max-minutes 0
+	OMP_NUM_THREADS=1 $(BIN)/sana-sprint train-teacher --config configs/shapes-teacher-stage2.json --stop-at 15243 --max-minutes 0
+	OMP_NUM_THREADS=1 $(BIN)/sana-sprint train-teacher --config configs/shapes-teacher-stage3.json --stop-at 30673 --max-minutes 0
+	rm -rf runs/teacher_30673_export && cp -r runs/teacher/export runs/teacher_30673_export
+	OMP_NUM_THREADS=2 $(BIN)/sana-sprint train-teacher --config configs/shapes-teacher-pe.json
 
 # The browser end-to-end test needs Debian's chromium + chromedriver; without them it is skipped.
 browser-deps:
