@@ -403,3 +403,20 @@ def test_smoke_budget_end_to_end(tmp_path):
     assert rp.main(args) == 0  # everything cached: nothing reruns
     assert (out / "eval" / "t2-student-1step-seed0.json").read_text() == first
     assert "(0 run, " in (out / "docs" / "results.md").read_text()
+
+
+def test_rewriting_results_md_keeps_marked_blocks_and_backs_up_hand_written_files():
+    rendered = rp.GENERATED_TITLE + "\n\nnew tables\n"
+    # keep-marked blocks survive (with their markers, so the next rewrite keeps them again)
+    prev = f"# old\n\nold table\n\n{rp.KEEP_START}\n## Position probe\nrow\n{rp.KEEP_END}\n\nx\n{rp.KEEP_START}\nB\n{rp.KEEP_END}\n"
+    md, backup = rp.merge_results(rendered, prev)
+    assert not backup and md.startswith(rendered.rstrip("\n")) and "old table" not in md
+    assert rp.kept_blocks(md) == ["## Position probe\nrow", "B"]
+    again, _ = rp.merge_results(rendered, md)
+    assert again == md  # idempotent
+    # a hand-written file without keep blocks is backed up, a generated one is simply replaced
+    assert rp.merge_results(rendered, "# my notes\n") == (rendered, True)
+    assert rp.merge_results(rendered, rendered) == (rendered, False)
+    assert rp.merge_results(rendered, None) == (rendered, False)
+    with pytest.raises(ValueError, match="without a matching"):
+        rp.kept_blocks(f"{rp.KEEP_START}\nunterminated")
