@@ -226,3 +226,10 @@ def test_cli_user_errors(capsys, tmp_path, te):
     assert "teacher" in line
     line = _one_line_error(capsys, cli.main(["finetune-teacher", "--out", str(tmp_path / "s")]))
     assert "teacher" in line
+
+
+def test_init_is_refused_in_a_finetune_config(capsys, tmp_path):
+    cfg = tmp_path / "ft.json"
+    cfg.write_text(json.dumps({"teacher": str(tmp_path), "init": "somewhere"}))
+    line = _one_line_error(capsys, cli.main(["finetune-teacher", "--config", str(cfg), "--out", str(tmp_path / "r")]))
+    assert "init" in line and "train-teacher" in line

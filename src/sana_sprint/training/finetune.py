@@ -57,6 +57,8 @@ class FinetuneConfig(TeacherConfig):
         super().validate()
         if not self.teacher:
             raise ConfigError("teacher: name the legacy teacher folder (--teacher DIR)")
+        if self.init:
+            raise ConfigError("init: finetune-teacher starts from `teacher`; `init` belongs to train-teacher")
 
 
 # --- the conversion -------------------------------------------------------------------------------
