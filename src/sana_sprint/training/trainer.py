@@ -435,9 +435,9 @@ class Trainer:
     def fit(self) -> int:
         """Train to ``config.steps`` (resuming first when ``config.resume``); returns the final step.
 
-        With ``config.max_minutes`` the loop also stops (after a checkpoint) once that much wall time
-        has passed, with ``config.stop_at`` at that step (learning-rate schedules still see ``steps``);
-        ``--resume`` continues towards ``steps``.
+        The loop also stops (after a checkpoint) once ``config.max_minutes`` of wall time have passed,
+        or at step ``config.stop_at`` (learning-rate schedules still run to ``steps``); ``--resume``
+        continues towards ``steps``.
         """
         cfg = self.config
         if cfg.threads:
