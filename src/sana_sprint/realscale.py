@@ -233,7 +233,7 @@ def _inspect(folder, sub: str, cls, class_names: tuple[str, ...]) -> tuple[Path,
     files = weight_files(path, "diffusers")
     found = checkpoint_shapes(files)
     if found is not None:
-        init = {k: v for k, v in config.items() if not k.startswith("_")}
+        init = presets.init_kwargs(config)
         try:
             meta = meta_model(cls, init)
         except TypeError as e:

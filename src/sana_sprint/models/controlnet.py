@@ -34,6 +34,7 @@ from torch import nn
 
 from ..errors import ModelFolderError
 from .attention import explicit_cross_attention
+from .presets import init_kwargs
 from .wrapper import TrigFlowTransformer, _time
 
 DEFAULT_NUM_BLOCKS = 7  # official SANA ControlNet
@@ -96,7 +97,7 @@ class SprintControlNet(nn.Module):
 
     def __init__(self, base_config: dict[str, Any], num_blocks: int = DEFAULT_NUM_BLOCKS):
         super().__init__()
-        cfg = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
+        cfg = init_kwargs(base_config)
         depth = int(cfg["num_layers"])
         if depth < 2:
             raise ValueError("a ControlNet needs a base with at least 2 blocks (samples are added after blocks 1..K)")

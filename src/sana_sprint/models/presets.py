@@ -123,6 +123,12 @@ def sana_600m(res: int = 1024, guidance_embeds: bool = True) -> dict[str, Any]:
     )
 
 
+def init_kwargs(config: Any) -> dict[str, Any]:
+    """A model config (diffusers ``FrozenDict`` or a config.json dict) as constructor arguments: without the
+    private ``_class_name`` / ``_diffusers_version`` / ``_name_or_path`` ... entries."""
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
 def teacher_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The same architecture without the CFG embedding."""
     return {**dict(cfg), "guidance_embeds": False}
@@ -130,8 +136,7 @@ def teacher_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def student_from_teacher_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The same architecture plus the CFG embedding (guidance = 0.1 * w)."""
-    cfg = {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
-    return {**cfg, "guidance_embeds": True, "guidance_embeds_scale": GUIDANCE_EMBEDS_SCALE}
+    return {**init_kwargs(cfg), "guidance_embeds": True, "guidance_embeds_scale": GUIDANCE_EMBEDS_SCALE}
 
 
 # Teacher (AdaLayerNormSingle) -> student (SanaCombinedTimestepGuidanceEmbeddings) time-embedding keys.

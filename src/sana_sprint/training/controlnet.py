@@ -47,6 +47,7 @@ from ..data.control_cache import ControlDataset, build_control_cache, default_co
 from ..errors import ModelFolderError
 from ..losses.flow_matching import flow_matching_loss
 from ..models.controlnet import DEFAULT_NUM_BLOCKS, ControlledTrigFlow, SprintControlNet
+from ..models.presets import init_kwargs
 from ..models.wrapper import TrigFlowTransformer
 from ..sampling import cfg_batched, flow_euler, randn
 from ..timesteps import flow_schedule
@@ -156,7 +157,7 @@ class ControlNetMethod(Method):
             net = SprintControlNet.from_pretrained(cfg.init, base=base)
             # it now drives this base: record its config (options without weights, e.g. the position
             # embedding's interpolation_scale, may differ from the base the init was trained on)
-            net.base_config = {k: v for k, v in dict(base.config).items() if not k.startswith("_")}
+            net.base_config = init_kwargs(base.config)
         else:
             net = SprintControlNet.from_base(base, cfg.num_blocks)
         self.controlnet = net.to(self.device, torch.float32)

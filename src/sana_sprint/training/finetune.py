@@ -80,6 +80,8 @@ def convert_legacy_teacher(transformer, *, dense_time: bool = True, qk_norm: boo
     import torch
     from diffusers import SanaTransformer2DModel
 
+    from ..models.presets import init_kwargs
+
     scale, norm = legacy_settings(transformer.config)
     changes: dict[str, Any] = {}
     if dense_time and scale != 1.0:
@@ -91,7 +93,7 @@ def convert_legacy_teacher(transformer, *, dense_time: bool = True, qk_norm: boo
     if not changes:
         have = f"time scale {scale:g}" + (f", qk_norm {norm}" if norm else ", no QK-norm")
         raise UserError(f"nothing to convert: the teacher already has {have} (it needs no finetune-teacher)")
-    config = {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+    config = init_kwargs(transformer.config)
     config.update(changes)
     param = next(transformer.parameters())
     new = SanaTransformer2DModel(**config).to(param.device, param.dtype)
@@ -142,7 +144,9 @@ def load_legacy_folder(folder: str | Path):
 
 
 def _model_overrides(transformer) -> dict[str, Any]:
-    return {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+    from ..models.presets import init_kwargs
+
+    return init_kwargs(transformer.config)
 
 
 def finetune(cfg: FinetuneConfig, text_encoder=None) -> Path:
