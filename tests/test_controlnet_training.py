@@ -22,6 +22,7 @@ from sana_sprint.models.wrapper import TrigFlowTransformer
 from sana_sprint.pipeline import SprintPipeline
 from sana_sprint.text import TextEncoder
 from sana_sprint.training import checkpoint as ckpt
+from sana_sprint.training.config import ConfigError
 from sana_sprint.training.controlnet import ControlNetConfig, ControlNetMethod, control_samples_from
 from sana_sprint.training.distill import DistillConfig, DistillMethod, SamplePrompts, load_teacher_folder
 from sana_sprint.training.trainer import Stepper, Trainer
@@ -303,6 +304,55 @@ def test_distill_control_train_step_with_frozen_student_base_and_export_to_serve
     with_c = engine.generate(Request("a red circle", steps=1, seed=1, scribble=scribble))
     without = engine.generate(Request("a red circle", steps=1, seed=1))
     assert with_c.meta["controlled"] and not without.meta["controlled"] and with_c.png != without.png
+
+
+def test_control_dropout_trains_base_and_controlnet_with_per_sample_control(tmp_path, teacher_folder, data):
+    from sana_sprint.models.presets import make_student
+
+    teacher, _, _ = load_teacher_folder(teacher_folder, "cpu")
+    init = make_student(teacher)
+    with torch.no_grad():
+        for p in init.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
+    m = _distill(teacher_folder, data, student_base=init, student_init="unused", control_train="all",
+                 control_dropout=0.5)
+    assert m.control_train == "all"
+    seen = []
+    real_bind = m.teacher.bind
+
+    def spy(c, scale=None):
+        seen.append(scale.clone())
+        return real_bind(c, scale)
+
+    m.teacher.bind = spy
+    base, cn = _snap(m.student.transformer), _snap(m.student.controlnet)
+    stepper = Stepper(m.optimizers(), {}, 1.0, "cpu")
+    torch.manual_seed(11)
+    first = (torch.rand(4) >= 0.5).float()
+    torch.manual_seed(11)
+    for _ in range(3):
+        logs = m.train_step(data.batch(range(4)), 0, stepper)
+        assert logs["skipped_g"] == 0 and np.isfinite(logs["loss"])
+    # one per-sample 0/1 scale per step, drawn first from the torch RNG (checkpointed: a resume replays it)
+    assert len(seen) == 3 and torch.equal(seen[0], first)
+    assert all(set(s.tolist()) <= {0.0, 1.0} for s in seen) and {0.0, 1.0} <= set(torch.cat(seen).tolist())
+    assert _changed(base, _snap(m.student.transformer)) and _changed(cn, _snap(m.student.controlnet))
+    out = m.export(tmp_path / "student")
+    sprint = json.loads((out / "controlnet" / "controlnet_config.json").read_text())["sprint"]
+    # the base trained with the ControlNet is the exported transformer, not the --student-init folder
+    assert sprint["base"] == ".." and sprint["control_train"] == "all" and sprint["control_dropout"] == 0.5
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"control_dropout": 1.0}, "must be in"),
+    ({"control_dropout": 0.3, "controlnet": None}, "only with controlnet"),
+    ({"control_dropout": 0.3, "student_init": "x"}, "frozen base"),
+    ({"control_dropout": 0.3, "control_train": "controlnet"}, "frozen base"),
+])
+def test_control_dropout_config_errors(overrides, message):
+    cfg = DistillConfig(**{"out": "unused", "controlnet": "unused", **overrides})
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
 
 
 # --- eval-control -----------------------------------------------------------------------------------

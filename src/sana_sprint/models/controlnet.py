@@ -141,11 +141,15 @@ class SprintControlNet(nn.Module):
 
         Arguments are those ``base.forward`` receives: flow-space ``hidden_states`` [B, C, H, W], the
         already-scaled ``timestep`` and ``guidance``; ``control_latents`` [B or 1, C, H, W] in the same
-        (unit-std) space as ``hidden_states``.
+        (unit-std) space as ``hidden_states``. ``conditioning_scale``: a number, or one per sample (a 1-D
+        tensor of length B or 1, repeated like the latents when CFG stacks the batch; 0 = that sample
+        runs as the base alone).
         """
         b, _, height, width = hidden_states.shape
         p = base.config.patch_size
         control = _match_batch(control_latents, b).to(hidden_states.dtype)
+        if isinstance(conditioning_scale, torch.Tensor) and conditioning_scale.ndim == 1:  # one scale per sample
+            conditioning_scale = _match_batch(conditioning_scale, b).to(hidden_states.dtype).view(b, 1, 1)
         x = base.patch_embed(hidden_states)
         x = x + self.before_proj(base.patch_embed(control))
         if guidance is not None:
@@ -252,8 +256,10 @@ class ControlledTrigFlow(TrigFlowTransformer):
             self.transformer.requires_grad_(False)
 
     @contextlib.contextmanager
-    def bind(self, control_latents: torch.Tensor | None, conditioning_scale: float | None = None) -> Iterator[None]:
-        """Use ``control_latents`` for every call without an explicit ``control`` inside the block."""
+    def bind(self, control_latents: torch.Tensor | None, conditioning_scale: float | torch.Tensor | None = None
+             ) -> Iterator[None]:
+        """Use ``control_latents`` for every call without an explicit ``control`` inside the block
+        (``conditioning_scale``: a number or one per sample, see :meth:`SprintControlNet.forward`)."""
         saved = self._bound
         scale = self.conditioning_scale if conditioning_scale is None else conditioning_scale
         self._bound = None if control_latents is None else _Control(control_latents, scale)

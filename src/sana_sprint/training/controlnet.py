@@ -21,6 +21,11 @@ control cache (``data/control_cache.py``: the scribble of every cached image, VA
   distilled Sprint student folder (its transformer becomes the frozen 1-4 step base: the recipe for a
   student that already exists) and ``all`` otherwise (student base = the teacher with a zero CFG
   embedding, so student == teacher exactly at step 0, with the control).
+  ``--control-dropout P`` (with ``all``) runs a fraction P of each batch's samples without control for
+  teacher, student and discriminator alike (per-sample ControlNet scale 0), so a base trained together
+  with its ControlNet keeps distilling the text-only teacher: one base serves both modes, and a
+  ``--student-init`` base trained this way is exported as the new student (the ControlNet's ``base``
+  is then ``..``, the folder it is exported into).
 - export: the student pipeline folder as usual plus ``controlnet/`` (the student ControlNet, fp16),
   which ``sana-sprint serve --model DIR --controlnet DIR/controlnet`` and ``eval-control`` load.
 """
@@ -343,10 +348,13 @@ def export_student_controlnet(method, folder: Path, dtype: torch.dtype) -> str:
         teacher_info = SprintControlNet.read_config(cfg.controlnet).get("sprint", {})
         extra = {k: teacher_info[k] for k in INHERITED_CONTROL_KEYS if k in teacher_info}
     # the base this ControlNet drives: the frozen --student-init folder, else the transformer exported
-    # next to it (the pipeline folder that holds this controlnet/ subfolder)
-    extra.update(kind="student", base=str(cfg.student_init) if cfg.student_init else "..",
+    # next to it (the pipeline folder that holds this controlnet/ subfolder; also when a --student-init
+    # base trained together with the ControlNet)
+    frozen_init = cfg.student_init and method.control_train == "controlnet"
+    extra.update(kind="student", base=str(cfg.student_init) if frozen_init else "..",
                  teacher_controlnet=cfg.controlnet, student_init=cfg.student_init,
-                 control_train=method.control_train, steps=cfg.steps, default_steps=cfg.default_steps,
+                 control_train=method.control_train, control_dropout=cfg.control_dropout, steps=cfg.steps,
+                 default_steps=cfg.default_steps,
                  default_guidance=cfg.sample_guidance)
     method.student.controlnet.save_pretrained(folder / CONTROLNET_SUBFOLDER, dtype=dtype, extra=extra)
     return CONTROLNET_SUBFOLDER
@@ -393,9 +401,13 @@ def bind_control(method, batch: dict):
     if getattr(method, "control_train", None) is None or "control" not in batch:
         return contextlib.nullcontext()
     c = batch["control"].to(method.device).float() * method.scaling_factor
+    scale = None
+    p = float(getattr(method.cfg, "control_dropout", 0.0) or 0.0)
+    if p > 0:  # per-sample 0/1 scales from the (checkpointed) torch RNG: dropped samples run without control
+        scale = (torch.rand(c.shape[0]) >= p).float().to(method.device)
     stack = contextlib.ExitStack()
-    stack.enter_context(method.teacher.bind(c))
-    stack.enter_context(method.student.bind(c))
+    stack.enter_context(method.teacher.bind(c, scale))
+    stack.enter_context(method.student.bind(c, scale))
     return stack
 
 

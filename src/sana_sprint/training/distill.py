@@ -115,6 +115,9 @@ class DistillConfig(TrainerConfig):
     student_init: str | None = None  # distilled student folder: its transformer is the student base
     control_train: Literal["auto", "controlnet", "all"] = "auto"  # auto: controlnet with student_init, else all
     control_cache: str | None = None  # control-latent cache (default: <latent cache>-<condition>)
+    # fraction of each batch's samples trained without control (teacher and student run as their bases):
+    # with control_train "all" the base then stays a text-only student too (one base for both modes)
+    control_dropout: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -127,6 +130,14 @@ class DistillConfig(TrainerConfig):
         check_process_batch(self.batch, launched_world_size(), self.disc_group)
         if not self.controlnet and (self.student_init or self.control_train != "auto" or self.control_cache):
             raise ConfigError("student_init / control_train / control_cache: only with controlnet (--controlnet DIR)")
+        if not 0.0 <= self.control_dropout < 1.0:
+            raise ConfigError(f"control_dropout: must be in [0, 1), got {self.control_dropout}")
+        if self.control_dropout and not self.controlnet:
+            raise ConfigError("control_dropout: only with controlnet (--controlnet DIR)")
+        frozen = self.control_train == "controlnet" or (self.control_train == "auto" and self.student_init)
+        if self.control_dropout and frozen:
+            raise ConfigError("control_dropout: the dropped samples train nothing with a frozen base; use it with "
+                              "control_train 'all' (--control-train all)")
         if self.fsdp and self.controlnet:
             raise ConfigError("fsdp: not supported with controlnet (--controlnet); run it without --fsdp "
                               "(data parallel, --gradient-checkpointing saves memory)")
