@@ -110,6 +110,8 @@ def test_checkpoint_resume_restores_everything(tmp_path, teacher_folder, text_en
     trainer = Trainer(resumed, _batches(text_encoder), resumed.cfg, torch.device("cpu"))
     trainer.fit()
     assert trainer.stepper.steps == {"generator": 4, "discriminator": 4}
+    out = trainer.fit_and_export()  # already at `steps`: exports; records the steps actually run
+    assert json.loads((out / "sprint_config.json").read_text())["distill"]["trained_steps"] == 4
     for name, mod in ref.state_modules().items():
         got = resumed.state_modules()[name].state_dict()
         for k, v in mod.state_dict().items():

@@ -504,7 +504,8 @@ class DistillMethod(Method):
             default_timesteps={str(k): [round(float(x), 5) for x in v] for k, v in DEFAULT_SCHEDULES.items()},
             default_guidance=self.cfg.sample_guidance,
             distill={"loss": self.cfg.loss, "cfg_embed": self.cfg.cfg_embed, "ladd_weight": self.cfg.ladd_weight,
-                     "max_time_prob": self.cfg.max_time_prob, "steps": self.cfg.steps},
+                     "max_time_prob": self.cfg.max_time_prob, "steps": self.cfg.steps,
+                     "trained_steps": getattr(self, "trained_steps", None)},
         )
         (tmp / SPRINT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if out.exists():

@@ -429,6 +429,7 @@ class Trainer:
         with self._unsharded():
             if not self.is_main_process:  # multi-process run: only the main process exports
                 return None
+            self.method.trained_steps = self.step  # recorded by exports that know it (steps actually run)
             self.method.export(out)
         return out
 
