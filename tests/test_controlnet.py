@@ -204,3 +204,43 @@ def test_per_sample_conditioning_scale_equals_running_each_sample_alone():
         off = base(x2, s2, e2, m2, 4.5)
         torch.testing.assert_close(stacked[[0, 2]], full[[0, 2]], rtol=0, atol=1e-12)
         torch.testing.assert_close(stacked[[1, 3]], off[[1, 3]], rtol=0, atol=1e-12)
+
+
+def test_default_scale_per_step_count_from_the_folder(tmp_path):
+    base = TrigFlowTransformer(tiny_transformer())
+    net = SprintControlNet.from_base(base.transformer)
+    assert net.default_scale(1) == 1.0  # nothing stored
+    net.save_pretrained(tmp_path / "a", extra={"conditioning_scale": 0.7})
+    net.save_pretrained(tmp_path / "b", extra={"conditioning_scale": 0.7, "default_conditioning_scale": {"1": 1.3, "4": 1.5}})
+    a = SprintControlNet.from_pretrained(tmp_path / "a")
+    b = SprintControlNet.from_pretrained(tmp_path / "b")
+    assert a.default_scale(1) == 0.7
+    assert (b.default_scale(1), b.default_scale(4), b.default_scale(2)) == (1.3, 1.5, 0.7)
+
+
+def test_serve_engine_uses_the_controlnets_default_scale_unless_the_request_sets_one(tmp_path):
+    import numpy as np
+
+    from sana_sprint.serve.engine import Engine, Request
+
+    class Pipe:  # records the scale bound while the pipeline runs
+        config, kind, device, dtype = {"resolution": 16}, "student", torch.device("cpu"), torch.float32
+
+        def __init__(self):
+            self.model, self.vae, self.seen = base, None, []
+
+        def __call__(self, prompt, **kw):
+            self.seen.append(engine.controlled._bound.scale if engine.controlled._bound else None)
+            return type("Out", (), {"images": [np.zeros((16, 16, 3))]})()
+
+    base = TrigFlowTransformer(tiny_transformer())
+    SprintControlNet.from_base(base.transformer).save_pretrained(
+        tmp_path / "cn", extra={"default_conditioning_scale": {"1": 1.3, "2": 1.5}})
+    net = SprintControlNet.from_pretrained(tmp_path / "cn", base=base.transformer)
+    pipe = Pipe()
+    engine = Engine(pipe, net)
+    engine._control_latents = lambda scribble: torch.zeros(1, LATENT_CHANNELS, 2, 2)
+    for req in (Request("x", steps=1, scribble=object()), Request("x", steps=2, scribble=object()),
+                Request("x", steps=1, scribble=object(), conditioning_scale=0.4)):
+        engine.generate(req)
+    assert pipe.seen == [1.3, 1.5, 0.4]

@@ -204,7 +204,7 @@ def eval_control_command(p: argparse.ArgumentParser):
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's; teachers 20)")
     p.add_argument("--timesteps", default=None, help="explicit TrigFlow times, e.g. 1.5708,1.3 (0 appended)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale w (default: the model's)")
-    p.add_argument("--conditioning-scale", type=float, default=None, help="ControlNet output scale (default: 1)")
+    p.add_argument("--conditioning-scale", type=float, default=None, help="ControlNet output scale (default: the ControlNet's default for the step count, else 1)")
     p.add_argument("--condition", choices=["scribble", "edges"], default=None,
                    help="condition type (default: the ControlNet's, else scribble)")
     p.add_argument("--num", type=int, default=DEFAULT_NUM, help="held-out conditions (default: %(default)s)")
@@ -241,11 +241,12 @@ def eval_control_command(p: argparse.ArgumentParser):
             size = int(pipe.config.get("resolution") or 64)
             if args.size is not None and args.size != size:
                 raise UserError(f"--size {args.size} differs from the model's resolution {size}")
-            generate = ControlledGenerator(pipe, net, args.steps, timesteps, args.guidance, args.conditioning_scale)
             schedule = pipe._schedule(args.steps, timesteps)
+            scale = net.default_scale(len(schedule) - 1) if args.conditioning_scale is None else args.conditioning_scale
+            generate = ControlledGenerator(pipe, net, args.steps, timesteps, args.guidance, scale)
             meta = {"model": str(resolve_model(args.model)), "controlnet": cn_folder, "kind": pipe.kind, "steps": len(schedule) - 1, "timesteps": [float(s) for s in schedule],
                     "guidance": float(pipe.config["default_guidance"] if args.guidance is None else args.guidance),
-                    "conditioning_scale": 1.0 if args.conditioning_scale is None else args.conditioning_scale}
+                    "conditioning_scale": scale}
         records = control_records(args.num, args.eval_seed)
         rows: list = []
         result = evaluate_control(generate, records, size=size, condition=condition, seed=args.seed, batch=args.batch,

@@ -105,6 +105,7 @@ class SprintControlNet(nn.Module):
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.base_config = cfg
         self.num_blocks = min(int(num_blocks), depth - 1)
+        self.info: dict[str, Any] = {}  # the folder's "sprint" metadata (from_pretrained)
         width = _width(cfg)
         self.blocks = nn.ModuleList([_block(cfg) for _ in range(self.num_blocks)])
         self.before_proj = _zero_linear(width)
@@ -119,6 +120,15 @@ class SprintControlNet(nn.Module):
         for i, block in enumerate(net.blocks):
             block.load_state_dict(copy.deepcopy(base.transformer_blocks[i].state_dict()))
         return net
+
+    def default_scale(self, steps: int) -> float:
+        """Conditioning scale used when a caller gives none: the folder's ``default_conditioning_scale`` for
+        this step count (chosen on tuning scenes by scripts/choose_conditioning_scale.py), else its
+        ``conditioning_scale``, else 1."""
+        per_steps = self.info.get("default_conditioning_scale") or {}
+        if str(int(steps)) in per_steps:
+            return float(per_steps[str(int(steps))])
+        return float(self.info.get("conditioning_scale", 1.0))
 
     def check_base(self, base: SanaTransformer2DModel) -> None:
         cfg = dict(base.config)
@@ -200,6 +210,7 @@ class SprintControlNet(nn.Module):
         config = json.loads((folder / CONFIG_NAME).read_text())
         net = cls(config["base_config"], config["num_blocks"])
         net.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+        net.info = dict(config.get("sprint", {}))
         if base is not None:
             try:
                 net.check_base(base)

@@ -121,7 +121,7 @@ def parse_request(raw: bytes):
         steps=_int_field(body, "steps", 1, 1, MAX_STEPS),
         seed=_int_field(body, "seed", 0, 0, MAX_SEED),
         guidance=_float_field(body, "guidance", None, 0.0, MAX_GUIDANCE),
-        conditioning_scale=_float_field(body, "conditioning_scale", 1.0, 0.0, MAX_CONDITIONING_SCALE),
+        conditioning_scale=_float_field(body, "conditioning_scale", None, 0.0, MAX_CONDITIONING_SCALE),
         scribble=None if scribble is None else decode_data_url(scribble),
     )
 

@@ -41,7 +41,7 @@ class Request:
     seed: int = 0
     guidance: float | None = None
     scribble: Image.Image | None = None
-    conditioning_scale: float = 1.0
+    conditioning_scale: float | None = None  # None: the ControlNet's default for `steps`
 
 
 @dataclass
@@ -110,7 +110,10 @@ class Engine:
             control = None
             if req.scribble is not None and self.controlled is not None:
                 control = self._control_latents(req.scribble)
-            bind = self.controlled.bind(control, req.conditioning_scale) if self.controlled is not None else contextlib.nullcontext()
+            scale = req.conditioning_scale
+            if scale is None and self.controlled is not None:
+                scale = self.controlled.controlnet.default_scale(req.steps)
+            bind = self.controlled.bind(control, scale) if self.controlled is not None else contextlib.nullcontext()
             with bind:
                 out = self.pipe(
                     req.prompt,
