@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_control,
         load_controlled,
     )
+    from sana_sprint.evaluation.run import write_results
 
     if args.tune_eval_seed in (0, CONTROL_EVAL_SEED):
         print(f"--tune-eval-seed must differ from the training seed 0 and the reporting seed {CONTROL_EVAL_SEED}",
@@ -59,14 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     steps_list = [int(s) for s in args.steps_list.split(",")]
     scales = [float(s) for s in args.scales.split(",")]
     records = control_records(args.num, args.tune_eval_seed)
+    pipe, net, extra, _ = load_controlled(args.model, args.controlnet)
+    generate = ControlledGenerator(pipe, net)  # steps and scale are set per candidate below
+    size = int(pipe.config.get("resolution") or 64)
     result: dict = {"tune_eval_seed": args.tune_eval_seed, "seed": args.seed, "num": args.num, "tie": args.tie,
                     "steps": {}}
     for steps in steps_list:
         rows = []
         for scale in scales:
-            pipe, net, extra, _ = load_controlled(args.model, args.controlnet)
-            generate = ControlledGenerator(pipe, net, steps, None, None, scale)
-            size = int(pipe.config.get("resolution") or 64)
+            generate.steps, generate.scale = steps, scale
             r = evaluate_control(generate, records, size=size, condition=extra.get("condition", "scribble"),
                                  seed=args.seed, progress=False)
             row = {"scale": scale, **{k: r[k] for k in ("edge_f1", "edge_precision", "edge_recall", "colors", "shapes_eval")}}
@@ -76,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         win = rank(rows, args.tie)
         result["steps"][str(steps)] = {"chosen": win["scale"], "candidates": rows}
         print(f"-> {steps} steps: scale {win['scale']:g}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_results(Path(args.out), result)[0]
     print(f"wrote {out}")
     if args.write:
         path = Path(args.controlnet) / "controlnet_config.json"

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluate,
         load_fd_net,
         load_prompts,
+        write_results,
     )
     from sana_sprint.pipeline import SprintPipeline
 
@@ -87,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         win = rank(rows, args.tie)
         out["steps"][str(n)] = {"chosen": win["timesteps"], "candidates": rows}
         print(f"-> {n} steps: {win['timesteps']}", flush=True)
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    path = write_results(Path(args.out), out)[0]
     print(f"wrote {path}")
     if args.write:
         cfg_path = folder / "sprint_config.json"

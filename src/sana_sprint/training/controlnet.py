@@ -354,7 +354,7 @@ def export_student_controlnet(method, folder: Path, dtype: torch.dtype) -> str:
     extra.update(kind="student", base=str(cfg.student_init) if frozen_init else "..",
                  teacher_controlnet=cfg.controlnet, student_init=cfg.student_init,
                  control_train=method.control_train, control_dropout=cfg.control_dropout, steps=cfg.steps,
-                 trained_steps=getattr(method, "trained_steps", None), default_steps=cfg.default_steps,
+                 trained_steps=method.trained_steps, default_steps=cfg.default_steps,
                  default_guidance=cfg.sample_guidance)
     method.student.controlnet.save_pretrained(folder / CONTROLNET_SUBFOLDER, dtype=dtype, extra=extra)
     return CONTROLNET_SUBFOLDER

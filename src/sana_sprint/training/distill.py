@@ -134,7 +134,9 @@ class DistillConfig(TrainerConfig):
             raise ConfigError(f"control_dropout: must be in [0, 1), got {self.control_dropout}")
         if self.control_dropout and not self.controlnet:
             raise ConfigError("control_dropout: only with controlnet (--controlnet DIR)")
-        frozen = self.control_train == "controlnet" or (self.control_train == "auto" and self.student_init)
+        from .controlnet import resolve_control_train
+
+        frozen = resolve_control_train(self.control_train, bool(self.student_init)) == "controlnet"
         if self.control_dropout and frozen:
             raise ConfigError("control_dropout: the dropped samples train nothing with a frozen base; use it with "
                               "control_train 'all' (--control-train all)")
@@ -505,7 +507,7 @@ class DistillMethod(Method):
             default_guidance=self.cfg.sample_guidance,
             distill={"loss": self.cfg.loss, "cfg_embed": self.cfg.cfg_embed, "ladd_weight": self.cfg.ladd_weight,
                      "max_time_prob": self.cfg.max_time_prob, "steps": self.cfg.steps,
-                     "trained_steps": getattr(self, "trained_steps", None)},
+                     "trained_steps": self.trained_steps},
         )
         (tmp / SPRINT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if out.exists():

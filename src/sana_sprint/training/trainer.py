@@ -71,6 +71,8 @@ class Method:
                            the method uses full-weight copies of its sharded modules inside.
     """
 
+    trained_steps: int | None = None  # set by Trainer.fit_and_export before export: the steps actually run
+
     def state_modules(self) -> dict[str, nn.Module]:
         raise NotImplementedError
 
@@ -429,7 +431,7 @@ class Trainer:
         with self._unsharded():
             if not self.is_main_process:  # multi-process run: only the main process exports
                 return None
-            self.method.trained_steps = self.step  # recorded by exports that know it (steps actually run)
+            self.method.trained_steps = self.step
             self.method.export(out)
         return out
 
