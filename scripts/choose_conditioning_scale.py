@@ -10,13 +10,14 @@ are ranked by the colours task under control.
         --controlnet models/shapes-sprint-controlnet --out runs/cscale/sprint_cn.json [--write]
 
 ``--write`` stores the winners in the ControlNet's ``controlnet_config.json`` (``sprint.default_conditioning_scale``,
-read by ``eval-control`` and ``serve`` when no scale is given) with a ``conditioning_scale_selection`` record.
+read by ``eval-control`` and ``serve`` when no scale is given) with a ``conditioning_scale_selection`` record;
+step counts not measured in this run keep their earlier choice (same tuning settings required), so
+``--steps-list 3`` adds the 3-step default to a folder tuned at 1, 2 and 4 steps.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -57,14 +58,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--tune-eval-seed must differ from the training seed 0 and the reporting seed {CONTROL_EVAL_SEED}",
               file=sys.stderr)
         return 2
+    result: dict = {"tune_eval_seed": args.tune_eval_seed, "seed": args.seed, "num": args.num, "tie": args.tie,
+                    "steps": {}}
+    if args.write:  # refuse before measuring, not after
+        from sana_sprint.errors import UserError
+        from sana_sprint.models.controlnet import SprintControlNet
+
+        try:
+            SprintControlNet.record_default_scales(args.controlnet, result, dry_run=True)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     steps_list = [int(s) for s in args.steps_list.split(",")]
     scales = [float(s) for s in args.scales.split(",")]
     records = control_records(args.num, args.tune_eval_seed)
     pipe, net, extra, _ = load_controlled(args.model, args.controlnet)
     generate = ControlledGenerator(pipe, net)  # steps and scale are set per candidate below
     size = int(pipe.config.get("resolution") or 64)
-    result: dict = {"tune_eval_seed": args.tune_eval_seed, "seed": args.seed, "num": args.num, "tie": args.tie,
-                    "steps": {}}
     for steps in steps_list:
         rows = []
         for scale in scales:
@@ -81,13 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     out = write_results(Path(args.out), result)[0]
     print(f"wrote {out}")
     if args.write:
-        path = Path(args.controlnet) / "controlnet_config.json"
-        config = json.loads(path.read_text())
-        sprint = config.setdefault("sprint", {})
-        sprint["default_conditioning_scale"] = {k: v["chosen"] for k, v in result["steps"].items()}
-        sprint["conditioning_scale_selection"] = result
-        path.write_text(json.dumps(config, indent=2) + "\n")
-        print(f"updated {path}")
+        if argv is None:  # each step count records the command that chose it
+            for entry in result["steps"].values():
+                entry["command"] = "python " + " ".join(sys.argv)
+        try:
+            defaults = SprintControlNet.record_default_scales(args.controlnet, result)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"updated {Path(args.controlnet) / 'controlnet_config.json'}: default scales {defaults}")
     return 0
 
 

@@ -218,6 +218,34 @@ def test_default_scale_per_step_count_from_the_folder(tmp_path):
     assert (b.default_scale(1), b.default_scale(4), b.default_scale(2)) == (1.3, 1.5, 0.7)
 
 
+def test_record_default_scales_merges_step_counts_and_refuses_other_tuning_settings(tmp_path):
+    from sana_sprint.errors import UserError
+
+    net = SprintControlNet.from_base(TrigFlowTransformer(tiny_transformer()).transformer)
+    net.save_pretrained(tmp_path, extra={"conditioning_scale": 0.7, "condition": "scribble"})
+    settings = {"tune_eval_seed": 7, "seed": 1, "num": 300, "tie": 0.005}
+    first = {**settings, "steps": {"1": {"chosen": 1.3}, "4": {"chosen": 1.5}}, "note": "first run"}
+    assert SprintControlNet.record_default_scales(tmp_path, first) == {"1": 1.3, "4": 1.5}
+    # a later run of one more step count keeps the others (and the first run's note); a re-measured one is replaced
+    second = {**settings, "steps": {"3": {"chosen": 1.2}, "1": {"chosen": 1.1}}}
+    assert SprintControlNet.record_default_scales(tmp_path, second) == {"1": 1.1, "3": 1.2, "4": 1.5}
+    loaded = SprintControlNet.from_pretrained(tmp_path)
+    assert [loaded.default_scale(s) for s in (1, 2, 3, 4)] == [1.1, 0.7, 1.2, 1.5]
+    record = loaded.info["conditioning_scale_selection"]
+    assert list(record["steps"]) == ["1", "3", "4"] and record["note"] == "first run"
+    assert loaded.info["condition"] == "scribble"  # the rest of the metadata is untouched
+    # other tuning settings: refused (dry run included), nothing written
+    before = (tmp_path / "controlnet_config.json").read_text()
+    other = {**settings, "seed": 2, "steps": {"2": {"chosen": 1.5}}}
+    for dry in (True, False):
+        with pytest.raises(UserError, match="seed 1 vs 2"):
+            SprintControlNet.record_default_scales(tmp_path, other, dry_run=dry)
+    assert (tmp_path / "controlnet_config.json").read_text() == before
+    assert SprintControlNet.record_default_scales(tmp_path, {**settings, "steps": {"2": {"chosen": 1.4}}},
+                                                  dry_run=True) == {"1": 1.1, "2": 1.4, "3": 1.2, "4": 1.5}
+    assert (tmp_path / "controlnet_config.json").read_text() == before
+
+
 def test_serve_engine_uses_the_controlnets_default_scale_unless_the_request_sets_one(tmp_path):
     import numpy as np
 

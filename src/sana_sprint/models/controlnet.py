@@ -32,7 +32,7 @@ from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import ModelFolderError
+from ..errors import ModelFolderError, UserError
 from .attention import explicit_cross_attention
 from .presets import init_kwargs
 from .wrapper import TrigFlowTransformer, _time
@@ -219,6 +219,37 @@ class SprintControlNet(nn.Module):
             param = next(base.parameters())
             net.to(param.device, param.dtype)
         return net
+
+    @staticmethod
+    def record_default_scales(folder: str | Path, selection: dict[str, Any], dry_run: bool = False) -> dict[str, float]:
+        """Store per-step-count default conditioning scales chosen on tuning scenes in ``folder``'s config.
+
+        ``selection``: ``{"tune_eval_seed", "seed", "num", "tie", "steps": {"N": {"chosen": scale, ...}}}``
+        (scripts/choose_conditioning_scale.py). Step counts chosen earlier under the same tuning settings
+        and not measured again are kept, so step counts can be tuned one run at a time; a selection made
+        under other settings is refused (the choices would not be comparable). Returns the new
+        ``default_conditioning_scale`` mapping; ``dry_run`` only checks (nothing is written).
+        """
+        path = Path(folder) / CONFIG_NAME
+        config = SprintControlNet.read_config(folder)
+        sprint = config.setdefault("sprint", {})
+        settings = ("tune_eval_seed", "seed", "num", "tie")
+        old = sprint.get("conditioning_scale_selection") or {}
+        old_steps = dict(old.get("steps") or {})
+        if old_steps and any(old.get(k) != selection.get(k) for k in settings):
+            differ = ", ".join(f"{k} {old.get(k)} vs {selection.get(k)}" for k in settings if old.get(k) != selection.get(k))
+            raise UserError(f"{path}: its default scales were chosen with other tuning settings ({differ}); "
+                            f"rerun every step count ({','.join(sorted(old_steps, key=int))}) with the same settings")
+        merged = {**old_steps, **{str(k): v for k, v in selection["steps"].items()}}
+        merged = dict(sorted(merged.items(), key=lambda kv: int(kv[0])))
+        defaults = {k: float(v["chosen"]) for k, v in merged.items()}
+        if dry_run:
+            return defaults
+        sprint["default_conditioning_scale"] = defaults
+        extra = {k: v for d in (old, selection) for k, v in d.items() if k not in (*settings, "steps")}  # e.g. a note
+        sprint["conditioning_scale_selection"] = {**{k: selection.get(k) for k in settings}, "steps": merged, **extra}
+        path.write_text(json.dumps(config, indent=2) + "\n")
+        return defaults
 
 
 def _match_batch(control: torch.Tensor, batch: int) -> torch.Tensor:
