@@ -343,7 +343,43 @@ def test_control_dropout_trains_base_and_controlnet_with_per_sample_control(tmp_
     assert sprint["base"] == ".." and sprint["control_train"] == "all" and sprint["control_dropout"] == 0.5
 
 
+def test_teacher_conditioning_scale_sets_the_teachers_strength_only(tmp_path, teacher_folder, data):
+    """teacher_conditioning_scale 1.5: the distillation targets come from the ControlNet teacher at 1.5 (also
+    per sample under control dropout: 0 or 1.5), the student runs its ControlNet at 1; the export records it."""
+    from sana_sprint.training.controlnet import bind_control
+
+    b = data.batch(range(4))
+    c = b["control"] * data.scaling_factor
+    x = torch.randn(4, *data.latent_shape, generator=torch.Generator().manual_seed(1))
+    s = torch.tensor([0.2, 0.8, 1.3, 1.5707964])
+    e, k = b["embeds"], b["mask"]
+    m = _distill(teacher_folder, data, teacher_conditioning_scale=1.5)
+    with torch.no_grad():
+        at = {w: m.teacher(x, s, e, k, control=c, conditioning_scale=w) for w in (0.0, 1.0, 1.5)}
+        student_at_1 = m.student(x, s, e, k, 4.5, control=c, conditioning_scale=1.0)
+        assert (at[1.5] - at[1.0]).abs().max() > 1e-4
+        with bind_control(m, b):
+            torch.testing.assert_close(m.teacher(x, s, e, k), at[1.5], rtol=0, atol=1e-6)
+            torch.testing.assert_close(m.student(x, s, e, k, 4.5), student_at_1, rtol=0, atol=1e-6)
+        md = _distill(teacher_folder, data, student_base=m.student.transformer, student_init="unused",
+                      control_train="all", control_dropout=0.5, teacher_conditioning_scale=1.5)
+        torch.manual_seed(11)
+        keep = (torch.rand(4) >= 0.5).float()
+        assert 0 < keep.sum() < 4
+        torch.manual_seed(11)
+        with bind_control(md, b):
+            mixed = md.teacher(x, s, e, k)
+        want = torch.where(keep[:, None, None, None] > 0, at[1.5], at[0.0])
+        torch.testing.assert_close(mixed, want, rtol=0, atol=1e-6)
+    out = m.export(tmp_path / "student")
+    sprint = json.loads((out / "controlnet" / "controlnet_config.json").read_text())["sprint"]
+    assert sprint["teacher_conditioning_scale"] == 1.5
+
+
 @pytest.mark.parametrize("overrides, message", [
+    ({"teacher_conditioning_scale": 0.0}, "finite number > 0"),
+    ({"teacher_conditioning_scale": float("nan")}, "finite number > 0"),
+    ({"teacher_conditioning_scale": 1.5, "controlnet": None}, "only with controlnet"),
     ({"control_dropout": 1.0}, "must be in"),
     ({"control_dropout": 0.3, "controlnet": None}, "only with controlnet"),
     ({"control_dropout": 0.3, "student_init": "x"}, "frozen base"),

@@ -318,13 +318,15 @@ def build(cfg: ControlNetConfig, device: torch.device) -> tuple[ControlNetMethod
 
 
 def attach_controlnet(teacher: TrigFlowTransformer, student: TrigFlowTransformer, controlnet: SprintControlNet,
-                      train: Literal["controlnet", "all"]) -> tuple[ControlledTrigFlow, ControlledTrigFlow]:
+                      train: Literal["controlnet", "all"], teacher_scale: float = 1.0
+                      ) -> tuple[ControlledTrigFlow, ControlledTrigFlow]:
     """(frozen controlled teacher, controlled student). The student's ControlNet is a trainable fp32 copy of
-    the teacher's; with ``train == "controlnet"`` the student base is frozen."""
+    the teacher's; with ``train == "controlnet"`` the student base is frozen. The teacher runs its ControlNet
+    at ``teacher_scale``, the student at 1."""
     param = next(teacher.transformer.parameters())
     teacher_cn = controlnet.to(param.device, torch.float32).eval().requires_grad_(False)
     student_cn = copy.deepcopy(teacher_cn).requires_grad_(True).train()
-    controlled_teacher = ControlledTrigFlow(teacher, teacher_cn, freeze_base=True)
+    controlled_teacher = ControlledTrigFlow(teacher, teacher_cn, conditioning_scale=teacher_scale, freeze_base=True)
     controlled_student = ControlledTrigFlow(student, student_cn, freeze_base=(train == "controlnet"))
     return controlled_teacher, controlled_student
 
@@ -353,7 +355,8 @@ def export_student_controlnet(method, folder: Path, dtype: torch.dtype) -> str:
     frozen_init = cfg.student_init and method.control_train == "controlnet"
     extra.update(kind="student", base=str(cfg.student_init) if frozen_init else "..",
                  teacher_controlnet=cfg.controlnet, student_init=cfg.student_init,
-                 control_train=method.control_train, control_dropout=cfg.control_dropout, steps=cfg.steps,
+                 control_train=method.control_train, control_dropout=cfg.control_dropout,
+                 teacher_conditioning_scale=cfg.teacher_conditioning_scale, steps=cfg.steps,
                  trained_steps=method.trained_steps, default_steps=cfg.default_steps,
                  default_guidance=cfg.sample_guidance)
     method.student.controlnet.save_pretrained(folder / CONTROLNET_SUBFOLDER, dtype=dtype, extra=extra)
@@ -406,7 +409,8 @@ def bind_control(method, batch: dict):
     if p > 0:  # per-sample 0/1 scales from the (checkpointed) torch RNG: dropped samples run without control
         scale = (torch.rand(c.shape[0]) >= p).float().to(method.device)
     stack = contextlib.ExitStack()
-    stack.enter_context(method.teacher.bind(c, scale))
+    # the teacher's own scale (teacher_conditioning_scale) times the per-sample 0/1 dropout scale
+    stack.enter_context(method.teacher.bind(c, None if scale is None else scale * method.teacher.conditioning_scale))
     stack.enter_context(method.student.bind(c, scale))
     return stack
 

@@ -44,6 +44,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import types
 from pathlib import Path
@@ -118,6 +119,9 @@ class DistillConfig(TrainerConfig):
     # fraction of each batch's samples trained without control (teacher and student run as their bases):
     # with control_train "all" the base then stays a text-only student too (one base for both modes)
     control_dropout: float = 0.0
+    # the ControlNet teacher's conditioning scale: the student's ControlNet (at its scale 1) learns to give
+    # what the teacher gives at this scale (e.g. the teacher's best-fidelity scale from tuning scenes)
+    teacher_conditioning_scale: float = 1.0
 
     def validate(self) -> None:
         super().validate()
@@ -134,6 +138,10 @@ class DistillConfig(TrainerConfig):
             raise ConfigError(f"control_dropout: must be in [0, 1), got {self.control_dropout}")
         if self.control_dropout and not self.controlnet:
             raise ConfigError("control_dropout: only with controlnet (--controlnet DIR)")
+        if self.teacher_conditioning_scale != 1.0 and not self.controlnet:
+            raise ConfigError("teacher_conditioning_scale: only with controlnet (--controlnet DIR)")
+        if not (math.isfinite(self.teacher_conditioning_scale) and self.teacher_conditioning_scale > 0):
+            raise ConfigError(f"teacher_conditioning_scale: must be a finite number > 0, got {self.teacher_conditioning_scale}")
         from .controlnet import resolve_control_train
 
         frozen = resolve_control_train(self.control_train, bool(self.student_init)) == "controlnet"
@@ -254,7 +262,8 @@ class DistillMethod(Method):
             from .controlnet import attach_controlnet, resolve_control_train
 
             self.control_train = resolve_control_train(cfg.control_train, student_base is not None)
-            self.teacher, self.student = attach_controlnet(self.teacher, self.student, controlnet, self.control_train)
+            self.teacher, self.student = attach_controlnet(self.teacher, self.student, controlnet, self.control_train,
+                                                           teacher_scale=cfg.teacher_conditioning_scale)
         self.disc = Discriminator(self.teacher, feature_blocks(teacher.config.num_layers, cfg.disc_heads),
                                   virtual_batch=cfg.disc_group).to(self.device)
         self.null = (null[0].to(self.device, torch.float32), null[1].to(self.device))
