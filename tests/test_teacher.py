@@ -129,5 +129,8 @@ def test_task_mix_data_spec_gets_its_own_cache_and_bad_specs_are_config_errors(t
     assert default_cache_dir(cfg) == (tmp_path / "cache" / "shapes-position3-mix-100-r64").resolve()
     plain = TeacherConfig.from_dict(dict(out=str(tmp_path / "run"), cache_samples=100))
     assert default_cache_dir(plain).name == "shapes-100-r64"
+    twin = TeacherConfig.from_dict(dict(out=str(tmp_path / "run"), data="shapes:position=2,twin_position=3",
+                                        cache_samples=100))
+    assert default_cache_dir(twin).name == "shapes-position2-twin_position3-mix-100-r64"
     with pytest.raises(ConfigError, match="data: .*posiiton"):
         TeacherConfig.from_dict(dict(data="shapes:posiiton=3"))

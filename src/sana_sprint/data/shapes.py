@@ -38,6 +38,12 @@ BACKGROUND: tuple[int, int, int] = (236, 234, 230)
 BACKGROUND_JITTER = 10  # +- per image, shared by all channels; +-3 extra tint per channel
 
 TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+# Training-only families (never in ShapesEval; weight 0 unless a data spec names them):
+# "twin_position" is a position scene whose two objects share their class and differ only in their
+# (always named) colours, "a red circle left of a blue circle". In ShapesEval's position scenes the
+# two classes differ, so once the noisy image shows the shapes the relation adds nothing the colour
+# binding does not; here only the relation says which of the two look-alike shapes gets which colour.
+EXTRA_TASKS: tuple[str, ...] = ("twin_position",)
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 NUMBER_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three", 4: "four"}
 
@@ -59,7 +65,8 @@ _RELATION_WORDS = {
 
 def parse_shapes_spec(spec: str) -> dict[str, float] | None:
     """Task weights of a shapes data spec: ``"shapes"`` -> None (uniform over TASKS, the default world);
-    ``"shapes:position=3,counting=2"`` -> relative weights (unnamed tasks weigh 1).
+    ``"shapes:position=3,counting=2"`` -> relative weights (unnamed tasks of :data:`TASKS` weigh 1, the
+    training-only :data:`EXTRA_TASKS` 0).
 
     The weights change which task each world index draws (and so its scene); the same spec always
     gives the same samples. Raises ValueError for an unknown task or a bad weight.
@@ -69,12 +76,12 @@ def parse_shapes_spec(spec: str) -> dict[str, float] | None:
     head, sep, body = spec.partition(":")
     if head != "shapes" or not sep or not body:
         raise ValueError(f"data spec {spec!r}: expected 'shapes' or 'shapes:TASK=WEIGHT,...' with TASK in {TASKS}")
-    weights = dict.fromkeys(TASKS, 1.0)
+    weights = dict.fromkeys(TASKS, 1.0) | dict.fromkeys(EXTRA_TASKS, 0.0)
     for item in body.split(","):
         task, eq, value = item.partition("=")
         task = task.strip()
-        if task not in TASKS or not eq:
-            raise ValueError(f"data spec {spec!r}: {item!r} is not TASK=WEIGHT with TASK in {TASKS}")
+        if task not in weights or not eq:
+            raise ValueError(f"data spec {spec!r}: {item!r} is not TASK=WEIGHT with TASK in {TASKS + EXTRA_TASKS}")
         try:
             w = float(value)
         except ValueError:
@@ -180,15 +187,19 @@ class ShapesWorld:
         if task_weights is None:
             tag = TASKS[int(rng.integers(len(TASKS)))]
         else:
-            w = np.array([float(task_weights.get(t, 1.0)) for t in TASKS])
-            tag = TASKS[int(rng.choice(len(TASKS), p=w / w.sum()))]
+            # the extra families join the draw only when weighted, so specs without them keep their scenes
+            families = TASKS + tuple(t for t in EXTRA_TASKS if float(task_weights.get(t, 0.0)) > 0)
+            w = np.array([float(task_weights.get(t, 1.0 if t in TASKS else 0.0)) for t in families])
+            tag = families[int(rng.choice(len(families), p=w / w.sum()))]
         if task is not None:
-            if task not in TASKS:
-                raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+            if task not in TASKS + EXTRA_TASKS:
+                raise ValueError(f"unknown task {task!r}; expected one of {TASKS + EXTRA_TASKS}")
             tag = task
         prefix = _PREFIXES[int(rng.integers(len(_PREFIXES)))]
-        say_color = tag in ("colors", "color_attr") or bool(rng.random() < P_COLOR_WORD)
+        say_color = tag in ("colors", "color_attr", "twin_position") or bool(rng.random() < P_COLOR_WORD)
         cls_pair = [CLASSES[i] for i in rng.permutation(len(CLASSES))[:2]]
+        if tag == "twin_position":
+            cls_pair[1] = cls_pair[0]
         col_pair = [COLORS[i] for i in rng.permutation(len(COLORS))[:2]]
 
         def clause(cls: str, color: str, count: int = 1) -> dict:
@@ -216,7 +227,7 @@ class ShapesWorld:
             include = [clause(cls, col_pair[0], n)]
             exclude = [{"class": cls, "count": n + 1}]
             text = _noun_phrase(cls, col_pair[0] if say_color else None, n)
-        else:  # position: GenEval puts the reference first and the subject second
+        else:  # position, twin_position: GenEval puts the reference first and the subject second
             relation = RELATIONS[int(rng.integers(len(RELATIONS)))]
             (ref_cls, sub_cls), (ref_col, sub_col) = cls_pair, col_pair
             objects = self._place(rng, [(ref_cls, ref_col), (sub_cls, sub_col)], relation)

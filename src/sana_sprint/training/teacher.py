@@ -20,7 +20,7 @@ import torch
 from diffusers import SanaTransformer2DModel
 
 from ..data.latents import LatentDataset, build_latent_cache, is_latent_cache
-from ..data.shapes import parse_shapes_spec
+from ..data.shapes import TASKS, parse_shapes_spec
 from ..losses.flow_matching import flow_matching_loss
 from ..models import presets
 from ..models.wrapper import TrigFlowTransformer
@@ -217,7 +217,8 @@ def default_cache_dir(cfg: TeacherConfig) -> Path:
     if cfg.cache:
         return Path(cfg.cache)
     if cfg.data.startswith("shapes:"):  # a task mix: its own cache ("shapes-position3-counting2-...")
-        slug = "-".join(["shapes"] + [f"{t}{w:g}" for t, w in parse_shapes_spec(cfg.data).items() if w != 1.0] + ["mix"])
+        slug = "-".join(["shapes"] + [f"{t}{w:g}" for t, w in parse_shapes_spec(cfg.data).items()
+                                  if w != (1.0 if t in TASKS else 0.0)] + ["mix"])
     else:
         slug = "shapes" if cfg.data == "shapes" else Path(cfg.data).resolve().name
     return Path(cfg.out).resolve().parent / "cache" / f"{slug}-{cfg.cache_samples}-r{cfg.resolution}"

@@ -1,0 +1,40 @@
+"""scripts/position_probe.py helpers: caption swaps and reading a training checkpoint's weights."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import position_probe  # noqa: E402
+
+from sana_sprint.training.checkpoint import save_checkpoint  # noqa: E402
+from sana_sprint.training.ema import EMA  # noqa: E402
+
+
+def test_swaps():
+    assert position_probe.swap_relation("a red circle to the left of a blue circle") == \
+        "a red circle to the right of a blue circle"
+    assert position_probe.swap_relation("a square under a triangle") == "a square above a triangle"
+    with pytest.raises(ValueError):
+        position_probe.swap_relation("a red circle and a blue square")
+    assert position_probe.swap_colours("a red circle above a blue circle") == "a blue circle above a red circle"
+    assert position_probe.swap_colours("a circle above a square") is None
+
+
+def test_checkpoint_weights_reads_raw_and_ema(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    ema = EMA(net, decay=0.5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update(net)  # shadow = 0.5 * old + 0.5 * new: differs from both
+    ckpt = save_checkpoint(tmp_path, 7, modules={"transformer": net, "ema": ema})
+    raw = position_probe.checkpoint_weights(ckpt, "raw")
+    avg = position_probe.checkpoint_weights(ckpt, "ema")
+    assert set(raw) == set(avg) == set(net.state_dict())
+    for k, v in net.state_dict().items():
+        assert torch.equal(raw[k], v)
+        assert torch.equal(avg[k], ema.shadow.state_dict()[k]) and not torch.equal(avg[k], v)
