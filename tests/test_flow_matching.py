@@ -100,3 +100,27 @@ def test_draw_statistics_and_determinism():
     d2 = draw(x, torch.Generator().manual_seed(0), caption_dropout=0.1, logit_mean=0.5, logit_std=1.5)
     assert torch.equal(d.t, d2.t) and torch.equal(d.eps, d2.eps) and torch.equal(d.drop, d2.drop)
     assert not draw(x, torch.Generator().manual_seed(0), caption_dropout=0.0).drop.any()
+
+
+def test_high_t_mixture_draws():
+    """The second logit-normal: off = the plain draws bit for bit; on = a per-sample choice between the
+    two, reconstructed here from the same generator stream; the mixture's share and median as asked."""
+    from scipy.special import logit
+
+    x = torch.zeros(20000, 1)
+    plain = draw(x, torch.Generator().manual_seed(5), caption_dropout=0.1)
+    off = draw(x, torch.Generator().manual_seed(5), caption_dropout=0.1, high_t_prob=0.0)
+    assert torch.equal(plain.t, off.t) and torch.equal(plain.eps, off.eps) and torch.equal(plain.drop, off.drop)
+
+    g = torch.Generator().manual_seed(5)
+    d = draw(x, g, caption_dropout=0.1, high_t_prob=0.3, high_t_logit_mean=2.0, high_t_logit_std=0.5)
+    ref = torch.Generator().manual_seed(5)
+    base = torch.sigmoid(torch.randn(20000, generator=ref, dtype=torch.float32))
+    high = torch.sigmoid(torch.randn(20000, generator=ref, dtype=torch.float32) * 0.5 + 2.0)
+    pick = torch.rand(20000, generator=ref) < 0.3
+    assert torch.equal(d.t, torch.where(pick, high, base))
+    assert abs(pick.float().mean().item() - 0.3) < 4 * (0.3 * 0.7 / 20000) ** 0.5
+    z = torch.from_numpy(logit(d.t[pick].double().numpy()))
+    assert abs(z.mean().item() - 2.0) < 0.03 and abs(z.std().item() - 0.5) < 0.02
+    all_high = draw(x, torch.Generator().manual_seed(5), high_t_prob=1.0, high_t_logit_mean=2.0, high_t_logit_std=0.5)
+    assert abs(torch.median(all_high.t).item() - torch.sigmoid(torch.tensor(2.0)).item()) < 0.01

@@ -134,3 +134,12 @@ def test_task_mix_data_spec_gets_its_own_cache_and_bad_specs_are_config_errors(t
     assert default_cache_dir(twin).name == "shapes-position2-twin_position3-mix-100-r64"
     with pytest.raises(ConfigError, match="data: .*posiiton"):
         TeacherConfig.from_dict(dict(data="shapes:posiiton=3"))
+
+
+def test_high_t_options_are_validated():
+    from sana_sprint.training.config import ConfigError
+
+    assert TeacherConfig.from_dict(dict(high_t_prob=0.5)).high_t_prob == 0.5
+    for bad in (dict(high_t_prob=-0.1), dict(high_t_prob=1.5), dict(high_t_logit_std=0.0)):
+        with pytest.raises(ConfigError, match="high_t"):
+            TeacherConfig.from_dict(bad)

@@ -35,13 +35,23 @@ def draw(
     caption_dropout: float = CAPTION_DROPOUT,
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
+    high_t_prob: float = 0.0,
+    high_t_logit_mean: float = 2.5,
+    high_t_logit_std: float = 0.7,
 ) -> FlowDraws:
     """t ~ sigmoid(N(mean, std^2)), eps ~ N(0, I), drop ~ Bernoulli(p), all from ``generator`` on CPU.
 
+    With ``high_t_prob`` > 0 each sample's t comes with that probability from a second logit-normal
+    (``high_t_logit_mean``, ``high_t_logit_std``; by default median t = 0.92), the noise levels where a
+    layout is decided: below them the noisy latent already shows which object is where. At 0 the draws
+    are exactly those of the plain logit-normal (no extra numbers are drawn).
     Drawing on the CPU generator makes a run reproducible across devices and checkpoint-resumable.
     """
     b = x.shape[0]
     t = logit_normal_flow_time(b, logit_mean, logit_std, generator=generator)
+    if high_t_prob > 0:
+        high = logit_normal_flow_time(b, high_t_logit_mean, high_t_logit_std, generator=generator)
+        t = torch.where(torch.rand(b, generator=generator) < high_t_prob, high, t)
     eps = torch.randn(x.shape, generator=generator, dtype=torch.float32)
     drop = torch.rand(b, generator=generator) < caption_dropout
     return FlowDraws(t.to(x.device), eps.to(x.device, x.dtype if x.dtype == torch.float64 else torch.float32), drop.to(x.device))
@@ -75,6 +85,9 @@ def flow_matching_loss(
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
     draws: FlowDraws | None = None,
+    high_t_prob: float = 0.0,
+    high_t_logit_mean: float = 2.5,
+    high_t_logit_std: float = 0.7,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-sample flow-matching loss [B] and logged terms.
 
@@ -82,7 +95,8 @@ def flow_matching_loss(
     ``velocity_fn(x_t, t, embeds, mask) -> v``. ``draws`` overrides the random draws (tests).
     """
     if draws is None:
-        draws = draw(x, generator, caption_dropout, logit_mean, logit_std)
+        draws = draw(x, generator, caption_dropout, logit_mean, logit_std, high_t_prob, high_t_logit_mean,
+                     high_t_logit_std)
     x = x.float() if x.dtype != torch.float64 else x
     x_t = flow_noise(x, draws.eps, draws.t)  # (1 - t) x + t eps
     target = flow_target(x, draws.eps)  # eps - x

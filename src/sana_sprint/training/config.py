@@ -269,6 +269,11 @@ class TeacherConfig(TrainerConfig):
     caption_dropout: float = 0.1
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    # a share of the training times drawn from a second logit-normal at high noise, where layouts (and so
+    # relations like "left of") are decided; 0 = off (see losses/flow_matching.draw)
+    high_t_prob: float = 0.0
+    high_t_logit_mean: float = 2.5
+    high_t_logit_std: float = 0.7
     flow_shift: float = 3.0  # sampling time shift (exported to sprint_config.json)
     sample_steps: int = 20
     sample_guidance: float = 4.5
@@ -278,7 +283,9 @@ class TeacherConfig(TrainerConfig):
     def validate(self) -> None:
         super().validate()
         _positive(self, "cache_samples", "resolution", "max_length", "batch", "lr", "logit_std", "flow_shift",
-                   "sample_steps", "sample_count", "timestep_scale")
+                   "sample_steps", "sample_count", "timestep_scale", "high_t_logit_std")
+        if not 0.0 <= self.high_t_prob <= 1.0:
+            raise ConfigError(f"high_t_prob: must be in [0, 1], got {self.high_t_prob}")
         _non_negative(self, "warmup", "weight_decay", "sample_guidance")
         if self.resolution % 8:
             raise ConfigError(f"resolution: must be a multiple of 8, got {self.resolution}")

@@ -145,6 +145,8 @@ class TeacherMethod(Method):
         loss, terms = flow_matching_loss(
             velocity, x, batch["embeds"], batch["mask"], *self.null, generator=self.gen,
             caption_dropout=self.cfg.caption_dropout, logit_mean=self.cfg.logit_mean, logit_std=self.cfg.logit_std,
+            high_t_prob=self.cfg.high_t_prob, high_t_logit_mean=self.cfg.high_t_logit_mean,
+            high_t_logit_std=self.cfg.high_t_logit_std,
         )
         if opt.step(loss.mean(), "transformer"):
             with gathered(self.transformer):  # --fsdp: full weights for the (unsharded) EMA; else a no-op
