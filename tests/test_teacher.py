@@ -120,6 +120,21 @@ def test_init_from_a_teacher_folder_copies_weights_and_can_add_a_position_embedd
     with pytest.raises(ModelFolderError, match="not a teacher folder"):
         init_from_folder(same, tmp_path / "nowhere")
 
+    # a training checkpoint: its raw weights (fp32, exactly), not its EMA
+    from sana_sprint.training.checkpoint import save_checkpoint
+
+    with torch.no_grad():
+        for p in src.ema.shadow.parameters():
+            p.mul_(0.5)  # the EMA differs from the raw weights
+    ckpt = save_checkpoint(tmp_path / "ckpts", 3, modules={"transformer": src.transformer, "ema": src.ema})
+    seed_everything(6)
+    from_ckpt = TeacherMethod(TeacherConfig.from_dict(base), data, torch.device("cpu"))
+    init_from_folder(from_ckpt, ckpt)
+    torch.testing.assert_close(velocity(from_ckpt.transformer), ref, rtol=0, atol=0)
+    torch.testing.assert_close(velocity(from_ckpt.ema.shadow), ref, rtol=0, atol=0)
+    with pytest.raises(ModelFolderError, match="does not match"):
+        init_from_folder(wider, ckpt)
+
 
 def test_task_mix_data_spec_gets_its_own_cache_and_bad_specs_are_config_errors(tmp_path):
     from sana_sprint.training.config import ConfigError

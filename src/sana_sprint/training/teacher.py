@@ -258,7 +258,8 @@ def prepare_data(cfg: TeacherConfig, vae, device: torch.device) -> LatentDataset
 def init_from_folder(method: TeacherMethod, folder: str | Path) -> None:
     """Load a trained teacher's transformer into ``method`` (weights and EMA): ``train-teacher --init``.
 
-    ``folder`` is a teacher pipeline folder (or its ``transformer/``). Every parameter must match by
+    ``folder`` is a teacher pipeline folder (or its ``transformer/``), or a train-teacher checkpoint
+    (``ckpt-NNNNNNN/``: its raw fp32 weights, not its EMA). Every parameter must match by
     name and shape; config options that hold no weights may differ, e.g. ``interpolation_scale``
     (the sin-cos position embedding is a fixed buffer), which is how a position embedding is added
     to a teacher trained without one. A checkpoint in ``out`` still wins (``--resume``).
@@ -266,13 +267,23 @@ def init_from_folder(method: TeacherMethod, folder: str | Path) -> None:
     from ..errors import ModelFolderError
 
     folder = Path(folder)
-    sub = folder / "transformer" if (folder / "transformer").is_dir() else folder
-    if not (sub / "config.json").is_file():
-        raise ModelFolderError(f"--init {folder}: not a teacher folder (no transformer/config.json)")
-    source = SanaTransformer2DModel.from_pretrained(sub, torch_dtype=torch.float32)
-    if source.config.guidance_embeds:
-        raise ModelFolderError(f"--init {folder}: the transformer has guidance embeddings (a student?), not a teacher")
-    theirs, ours = source.state_dict(), method.transformer.state_dict()
+    raw = folder / "modules" / "transformer.safetensors"
+    if raw.is_file():  # a training checkpoint: the trained (raw) weights as they were, fp32
+        from safetensors.torch import load_file
+
+        theirs = {k: v.float() for k, v in load_file(raw).items()}
+        if any(k.startswith("guidance_embedder") or ".guidance_embedder." in k for k in theirs):
+            raise ModelFolderError(f"--init {folder}: the checkpoint's transformer has guidance embeddings, not a teacher's")
+    else:
+        sub = folder / "transformer" if (folder / "transformer").is_dir() else folder
+        if not (sub / "config.json").is_file():
+            raise ModelFolderError(f"--init {folder}: not a teacher folder (no transformer/config.json) "
+                                   "nor a train-teacher checkpoint (no modules/transformer.safetensors)")
+        source = SanaTransformer2DModel.from_pretrained(sub, torch_dtype=torch.float32)
+        if source.config.guidance_embeds:
+            raise ModelFolderError(f"--init {folder}: the transformer has guidance embeddings (a student?), not a teacher")
+        theirs = source.state_dict()
+    ours = method.transformer.state_dict()
     bad = sorted(k for k in set(theirs) | set(ours) if k not in theirs or k not in ours or theirs[k].shape != ours[k].shape)
     if bad:
         raise ModelFolderError(f"--init {folder}: its transformer does not match this config's architecture "
