@@ -38,3 +38,31 @@ def test_checkpoint_weights_reads_raw_and_ema(tmp_path):
     for k, v in net.state_dict().items():
         assert torch.equal(raw[k], v)
         assert torch.equal(avg[k], ema.shadow.state_dict()[k]) and not torch.equal(avg[k], v)
+
+
+def test_opposite_relation_folder(tmp_path):
+    """The copy's position clauses are flipped, the rest byte-identical; a relation checker agrees."""
+    import json
+
+    import opposite_relation
+
+    from sana_sprint.evaluation.geneval import relative_position
+
+    src = tmp_path / "imgs"
+    metas = [{"tag": "position", "prompt": "a circle left of a square",
+              "include": [{"class": "square", "count": 1}, {"class": "circle", "count": 1, "position": ["left of", 0]}]},
+             {"tag": "single_object", "prompt": "a circle", "include": [{"class": "circle", "count": 1}]}]
+    for i, m in enumerate(metas):
+        (src / f"{i:05d}" / "samples").mkdir(parents=True)
+        (src / f"{i:05d}" / "metadata.jsonl").write_text(json.dumps(m) + "\n")
+        (src / f"{i:05d}" / "samples" / "0000.png").write_bytes(b"png")
+    assert opposite_relation.main([str(src), str(tmp_path / "out")]) == 0
+    out = [json.loads((tmp_path / "out" / f"{i:05d}" / "metadata.jsonl").read_text()) for i in range(2)]
+    rel = out[0]["include"][1]["position"][0]
+    assert rel == "right of" and out[1] == metas[1]
+    assert (tmp_path / "out" / "00000" / "samples" / "0000.png").read_bytes() == b"png"
+    # a circle box left of the square box satisfies the original relation, not the swapped one
+    boxes = relative_position((0, 20, 10, 30), (40, 20, 50, 30))
+    assert "left of" in boxes and rel not in boxes
+    assert opposite_relation.main([str(src), str(tmp_path / "out")]) == 2  # never overwrites
+    assert opposite_relation.main([str(tmp_path / "out" / "00000" / "samples"), str(tmp_path / "x")]) == 2
