@@ -40,9 +40,9 @@ BACKGROUND_JITTER = 10  # +- per image, shared by all channels; +-3 extra tint p
 TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 # Training-only families (never in ShapesEval; weight 0 unless a data spec names them):
 # "twin_position" is a position scene whose two objects share their class and differ only in their
-# (always named) colours, "a red circle left of a blue circle". In ShapesEval's position scenes the
-# two classes differ, so once the noisy image shows the shapes the relation adds nothing the colour
-# binding does not; here only the relation says which of the two look-alike shapes gets which colour.
+# (always named) colours, "a red circle left of a blue circle": of the caption, only the relation says
+# which of the two look-alike shapes takes which colour (the noisy image says it too once colours show,
+# below t ~ 0.9; docs/results.md, "Session 8").
 EXTRA_TASKS: tuple[str, ...] = ("twin_position",)
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 NUMBER_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three", 4: "four"}
