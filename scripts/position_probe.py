@@ -52,13 +52,12 @@ def swap_colours(caption: str) -> str | None:
 
 def checkpoint_weights(ckpt: Path, which: str) -> dict:
     """The transformer state dict of a train-teacher checkpoint: its EMA shadow or its raw weights."""
-    from safetensors.torch import load_file
+    from sana_sprint.training.checkpoint import module_state
 
-    modules = ckpt / "modules"
     if which == "ema":
-        state = load_file(modules / "ema.safetensors")
+        state = module_state(ckpt, "ema")
         return {k.removeprefix("shadow."): v.float() for k, v in state.items() if k.startswith("shadow.")}
-    return {k: v.float() for k, v in load_file(modules / "transformer.safetensors").items()}
+    return {k: v.float() for k, v in module_state(ckpt, "transformer").items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint:
         try:
             tr.load_state_dict(checkpoint_weights(Path(args.checkpoint), args.weights))
-        except (FileNotFoundError, RuntimeError) as e:
+        except (KeyError, RuntimeError) as e:
             print(f"error: cannot use {args.checkpoint} with {folder / 'transformer'}: {e}", file=sys.stderr)
             return 2
     net = TrigFlowTransformer(tr)  # flow velocity with the model's own time scale

@@ -44,6 +44,8 @@ TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "
 # which of the two look-alike shapes takes which colour (the noisy image says it too once colours show,
 # below t ~ 0.9; docs/results.md, "Session 8").
 EXTRA_TASKS: tuple[str, ...] = ("twin_position",)
+# the weight of a family a data spec does not name
+DEFAULT_TASK_WEIGHTS: dict[str, float] = dict.fromkeys(TASKS, 1.0) | dict.fromkeys(EXTRA_TASKS, 0.0)
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 NUMBER_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three", 4: "four"}
 
@@ -76,7 +78,7 @@ def parse_shapes_spec(spec: str) -> dict[str, float] | None:
     head, sep, body = spec.partition(":")
     if head != "shapes" or not sep or not body:
         raise ValueError(f"data spec {spec!r}: expected 'shapes' or 'shapes:TASK=WEIGHT,...' with TASK in {TASKS}")
-    weights = dict.fromkeys(TASKS, 1.0) | dict.fromkeys(EXTRA_TASKS, 0.0)
+    weights = dict(DEFAULT_TASK_WEIGHTS)
     for item in body.split(","):
         task, eq, value = item.partition("=")
         task = task.strip()
@@ -188,8 +190,8 @@ class ShapesWorld:
             tag = TASKS[int(rng.integers(len(TASKS)))]
         else:
             # the extra families join the draw only when weighted, so specs without them keep their scenes
-            families = TASKS + tuple(t for t in EXTRA_TASKS if float(task_weights.get(t, 0.0)) > 0)
-            w = np.array([float(task_weights.get(t, 1.0 if t in TASKS else 0.0)) for t in families])
+            families = TASKS + tuple(t for t in EXTRA_TASKS if float(task_weights.get(t, DEFAULT_TASK_WEIGHTS[t])) > 0)
+            w = np.array([float(task_weights.get(t, DEFAULT_TASK_WEIGHTS[t])) for t in families])
             tag = families[int(rng.choice(len(families), p=w / w.sum()))]
         if task is not None:
             if task not in TASKS + EXTRA_TASKS:

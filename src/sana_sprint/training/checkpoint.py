@@ -121,6 +121,19 @@ def _module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
 
 
+def module_file(path: str | Path, name: str) -> Path:
+    """Where checkpoint ``path`` keeps the tensors of its module ``name``."""
+    return Path(path) / MODULES_DIR / f"{name}.safetensors"
+
+
+def module_state(path: str | Path, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The saved tensors of one module of checkpoint ``path``, dtypes as saved (KeyError if it has none)."""
+    f = module_file(path, name)
+    if not f.is_file():
+        raise KeyError(f"checkpoint {path} has no module {name!r}")
+    return load_file(str(f), device=str(device))
+
+
 def save_checkpoint(
     ckpt_dir: str | Path,
     step: int,
@@ -149,7 +162,7 @@ def save_checkpoint(
 
     files = []
     for name, module in (modules or {}).items():
-        path = tmp / MODULES_DIR / f"{name}.safetensors"
+        path = module_file(tmp, name)
         save_file(_module_tensors(module), str(path))
         _fsync_file(path)
         files.append(f"{MODULES_DIR}/{path.name}")
@@ -215,11 +228,8 @@ def load_checkpoint(
         raise FileNotFoundError(f"not a complete checkpoint: {path}")
     state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
     for name, module in (modules or {}).items():
-        f = path / MODULES_DIR / f"{name}.safetensors"
-        if not f.is_file():
-            raise KeyError(f"checkpoint {path} has no module {name!r}")
         device = next(iter(module.state_dict().values()), torch.empty(0)).device
-        module.load_state_dict(load_file(str(f), device=str(device)), strict=True)
+        module.load_state_dict(module_state(path, name, device), strict=True)
     for kind, objs in (("optimizers", optimizers), ("schedulers", schedulers)):
         for name, obj in (objs or {}).items():
             if name not in state[kind]:

@@ -20,7 +20,7 @@ import torch
 from diffusers import SanaTransformer2DModel
 
 from ..data.latents import LatentDataset, build_latent_cache, is_latent_cache
-from ..data.shapes import TASKS, parse_shapes_spec
+from ..data.shapes import DEFAULT_TASK_WEIGHTS, parse_shapes_spec
 from ..losses.flow_matching import flow_matching_loss
 from ..models import presets
 from ..models.wrapper import TrigFlowTransformer
@@ -220,7 +220,7 @@ def default_cache_dir(cfg: TeacherConfig) -> Path:
         return Path(cfg.cache)
     if cfg.data.startswith("shapes:"):  # a task mix: its own cache ("shapes-position3-counting2-...")
         slug = "-".join(["shapes"] + [f"{t}{w:g}" for t, w in parse_shapes_spec(cfg.data).items()
-                                  if w != (1.0 if t in TASKS else 0.0)] + ["mix"])
+                                  if w != DEFAULT_TASK_WEIGHTS[t]] + ["mix"])
     else:
         slug = "shapes" if cfg.data == "shapes" else Path(cfg.data).resolve().name
     return Path(cfg.out).resolve().parent / "cache" / f"{slug}-{cfg.cache_samples}-r{cfg.resolution}"
@@ -265,13 +265,11 @@ def init_from_folder(method: TeacherMethod, folder: str | Path) -> None:
     to a teacher trained without one. A checkpoint in ``out`` still wins (``--resume``).
     """
     from ..errors import ModelFolderError
+    from .checkpoint import module_file, module_state
 
     folder = Path(folder)
-    raw = folder / "modules" / "transformer.safetensors"
-    if raw.is_file():  # a training checkpoint: the trained (raw) weights as they were, fp32
-        from safetensors.torch import load_file
-
-        theirs = {k: v.float() for k, v in load_file(raw).items()}
+    if module_file(folder, "transformer").is_file():  # a training checkpoint: the trained (raw) weights, fp32
+        theirs = {k: v.float() for k, v in module_state(folder, "transformer").items()}
         if any(k.startswith("guidance_embedder") or ".guidance_embedder." in k for k in theirs):
             raise ModelFolderError(f"--init {folder}: the checkpoint's transformer has guidance embeddings, not a teacher's")
     else:
