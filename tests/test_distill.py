@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from sana_sprint.pipeline import SprintPipeline
 from sana_sprint.text import TextEncoder
 from sana_sprint.training import checkpoint as ckpt
+from sana_sprint.training.config import ConfigError
 from sana_sprint.training.distill import DistillConfig, DistillMethod, SamplePrompts, load_teacher_folder
 from sana_sprint.training.trainer import Stepper, Trainer
 
@@ -92,21 +94,25 @@ def _batches(te):
         yield b
 
 
-def test_checkpoint_resume_restores_everything(tmp_path, teacher_folder, text_encoder):
-    common = dict(loss="both", bf16=False, log_every=1, ckpt_every=2, sample_every=0, keep_last=0)
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_checkpoint_resume_restores_everything(tmp_path, teacher_folder, text_encoder, ema_decay):
+    common = dict(loss="both", bf16=False, log_every=1, ckpt_every=2, sample_every=0, keep_last=0, ema_decay=ema_decay)
     ref = _method(teacher_folder, text_encoder, out=str(tmp_path / "a"), steps=4, **common)
     Trainer(ref, _batches(text_encoder), ref.cfg, torch.device("cpu")).fit()
 
     first = _method(teacher_folder, text_encoder, out=str(tmp_path / "b"), steps=2, **common)
     Trainer(first, _batches(text_encoder), first.cfg, torch.device("cpu")).fit()
     last = ckpt.latest_checkpoint(tmp_path / "b" / "checkpoints")
-    assert sorted(ckpt.read_meta(last)["modules"]) == ["disc_heads", "logvar", "student"]
+    assert sorted(ckpt.read_meta(last)["modules"]) == ["disc_heads", "logvar", "student"] + ["student_ema"] * bool(ema_decay)
     assert set(load_file(str(last / "modules" / "logvar.safetensors"))) == {"weight", "bias"}
 
     resumed = _method(teacher_folder, text_encoder, out=str(tmp_path / "b"), steps=4, resume=True, **common)
     with torch.no_grad():  # scramble what resume must restore
         for p in resumed.student.parameters():
             p.add_(1.0)
+        if ema_decay:
+            for p in resumed.ema.shadow.parameters():
+                p.add_(1.0)
     trainer = Trainer(resumed, _batches(text_encoder), resumed.cfg, torch.device("cpu"))
     trainer.fit()
     assert trainer.stepper.steps == {"generator": 4, "discriminator": 4}
@@ -126,6 +132,58 @@ def test_checkpoint_resume_restores_everything(tmp_path, teacher_folder, text_en
     fresh, _, _ = load_teacher_folder(teacher_folder, "cpu")
     for k, v in fresh.state_dict().items():
         assert torch.equal(resumed.teacher.transformer.state_dict()[k], v), k
+
+
+def test_student_ema_follows_the_closed_form_and_is_what_is_sampled_and_exported(tmp_path, teacher_folder, text_encoder):
+    """shadow_n = d shadow_{n-1} + (1 - d) theta_n after each applied generator update (float64
+    recomputation from the student's weights after every step), starting at the student copied from
+    the teacher; a skipped update leaves it alone; sample grids and the export use it."""
+    d = 0.7
+    method = _method(teacher_folder, text_encoder, loss="both", ema_decay=d, ema_warmup=False)
+    stepper = Stepper(method.optimizers(), {}, method.cfg.grad_clip, "cpu")
+    batch = train_batch(text_encoder)
+    ref = {k: v.double() for k, v in method.student.transformer.state_dict().items()}
+    for step in range(3):
+        method.train_step(batch, step, stepper)
+        for k, v in method.student.transformer.named_parameters():
+            ref[k] = d * ref[k] + (1 - d) * v.detach().double()
+    assert stepper.steps["generator"] == 3 and not stepper.skipped
+    shadow = dict(method.ema.shadow.named_parameters())
+    moved = max((shadow[k].double() - v.double()).abs().max().item()
+                for k, v in method.student.transformer.named_parameters())
+    assert moved > 1e-5  # the EMA is not the raw student
+    for k, p in shadow.items():
+        torch.testing.assert_close(p.double(), ref[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+    # a skipped (non-finite) generator update moves neither the student nor its EMA
+    before = {k: v.clone() for k, v in method.ema.shadow.state_dict().items()}
+    nan_batch = {**batch, "latents": batch["latents"].clone().fill_(float("nan"))}
+    logs = method.train_step(nan_batch, 3, stepper)
+    assert logs["skipped_g"] == 1.0
+    assert all(torch.equal(before[k], v) for k, v in method.ema.shadow.state_dict().items())
+
+    # samples come from the EMA weights: equal to a method whose student *is* the EMA
+    e, m = method.prompts.embeds, method.prompts.masks
+    got = method.sample(e, m, [5, 6], steps=2)
+    raw = DistillMethod.sample(types.SimpleNamespace(**{**vars(method), "ema": None}), e, m, [5, 6], steps=2)
+    plain = _method(teacher_folder, text_encoder, loss="both")
+    plain.student.transformer.load_state_dict(method.ema.shadow.state_dict())
+    torch.testing.assert_close(got, plain.sample(e, m, [5, 6], steps=2), rtol=0, atol=1e-6)
+    assert (got - raw).abs().max() > 1e-4
+
+    out = method.export(tmp_path / "student")
+    config = json.loads((out / "sprint_config.json").read_text())["distill"]
+    assert config["weights"] == "ema" and config["ema_decay"] == d
+    saved = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    for k, v in method.ema.shadow.state_dict().items():
+        assert torch.equal(saved[k], v.to(torch.float16)), k
+
+
+def test_ema_settings_are_checked():
+    with pytest.raises(ConfigError, match="ema_decay"):
+        DistillConfig(out="unused", ema_decay=1.0).validate()
+    with pytest.raises(ConfigError, match="ema_decay: not supported with controlnet"):
+        DistillConfig(out="unused", ema_decay=0.99, controlnet="models/shapes-controlnet").validate()
 
 
 def test_export_loads_in_both_pipelines(tmp_path, teacher_folder, text_encoder, tokenizer, bert):

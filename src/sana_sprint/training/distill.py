@@ -22,8 +22,9 @@ every per-sample draw (s, z, w, max-time choice, s_D, re-noising) is made for th
 groups of ``disc_group`` (8) contiguous samples, and the per-process batch must be whole groups.
 
 Checkpoints hold the student transformer, the logvar head (``logvar.safetensors``), the
-discriminator heads, both optimisers, the RNG and counters; the teacher is reloaded from its folder.
-``export`` writes a pipeline folder (kind "student", default timesteps) with the student only.
+discriminator heads, with ``ema_decay`` > 0 the student's EMA (``student_ema``), both optimisers,
+the RNG and counters; the teacher is reloaded from its folder. ``export`` writes a pipeline folder
+(kind "student", default timesteps) with the student only: its EMA weights when ``ema_decay`` > 0.
 
 ``--fsdp`` (training/fsdp.py) shards the student wrapper (transformer blocks + a root unit with the
 rest and the logvar head); the teacher and the discriminator heads stay whole on every rank. For
@@ -65,6 +66,7 @@ from ..sampling import consistency, randn
 from ..timesteps import DEFAULT_SCHEDULES, LADD_P_MEAN, LADD_P_STD, SCM_P_MEAN, SCM_P_STD, lognormal_trig_time
 from ..trigflow import SIGMA_DATA, consistency_fn
 from .config import ConfigError, TrainerConfig, _non_negative, _positive
+from .ema import EMA
 from .trainer import Method, Stepper, Trainer, resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -110,6 +112,12 @@ class DistillConfig(TrainerConfig):
     sample_guidance: float = 4.5
     sample_count: int = 8
     default_steps: int = 2  # exported sprint_config default step count
+    # EMA of the student's weights (0 = off): when on, the sample grids and the export use the EMA
+    # weights, and checkpoints hold it as "student_ema". With ema_warmup the decay of update n is
+    # min(ema_decay, (1 + n) / (10 + n)), so in a run of a few thousand steps it averages roughly the
+    # last ~n/9 updates (a power-function average), whatever ema_decay's cap.
+    ema_decay: float = 0.0
+    ema_warmup: bool = True
     export: str | None = None  # pipeline folder written at the end (default: <out>/export)
     # Sprint-ControlNet (training/controlnet.py): teacher = base + this ControlNet, student = base + a trainable copy
     controlnet: str | None = None  # ControlNet teacher folder (train-controlnet output)
@@ -151,6 +159,10 @@ class DistillConfig(TrainerConfig):
         if self.fsdp and self.controlnet:
             raise ConfigError("fsdp: not supported with controlnet (--controlnet); run it without --fsdp "
                               "(data parallel, --gradient-checkpointing saves memory)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay: must be in [0, 1) (0 = no EMA), got {self.ema_decay}")
+        if self.ema_decay and self.controlnet:
+            raise ConfigError("ema_decay: not supported with controlnet (--controlnet) yet; leave it at 0")
         _non_negative(self, "ladd_weight", "tangent_warmup", "weight_decay", "fixed_guidance", "sample_guidance")
         if self.loss == "ladd" and self.ladd_weight == 0:
             raise ConfigError("ladd_weight: loss 'ladd' with ladd_weight 0 trains nothing")
@@ -257,6 +269,8 @@ class DistillMethod(Method):
                     p.requires_grad_(False)  # stays at its zero output: the guidance input is ignored
         self.teacher = TrigFlowTransformer(teacher.eval().requires_grad_(False))
         self.student = TrigFlowTransformer(student, logvar=True).to(self.device)
+        # EMA of the student transformer (cfg.ema_decay > 0): what the sample grids show and the export writes
+        self.ema = EMA(student, cfg.ema_decay, warmup=cfg.ema_warmup) if cfg.ema_decay else None
         self.control_train = None  # ControlNet path: "controlnet" or "all" (what the student trains)
         if controlnet is not None:
             from .controlnet import attach_controlnet, resolve_control_train
@@ -287,6 +301,8 @@ class DistillMethod(Method):
 
     def state_modules(self) -> dict[str, nn.Module]:
         modules = {"student": self.student.transformer, "logvar": self.student.logvar_linear, "disc_heads": self.disc.heads}
+        if self.ema is not None:
+            modules["student_ema"] = self.ema
         if self.control_train is not None:
             modules["student_controlnet"] = self.student.controlnet
         return modules
@@ -410,7 +426,13 @@ class DistillMethod(Method):
         try:
             loss_g, logs = self.generator_loss(x0, ehs, mask, step)
             logs["loss"] = loss_g.item()
-            logs["skipped_g"] = float(not opt.step(loss_g, "generator"))
+            stepped = opt.step(loss_g, "generator")
+            logs["skipped_g"] = float(not stepped)
+            if stepped and self.ema is not None:
+                from .fsdp import gathered
+
+                with gathered(self.student):  # --fsdp: full weights for the (unsharded) EMA; else a no-op
+                    self.ema.update(self.student.transformer)
         finally:
             self.disc.requires_grad_(True)
         return logs
@@ -452,7 +474,7 @@ class DistillMethod(Method):
         unit-std control latents, ControlNet path only)."""
         from ..timesteps import consistency_schedule
 
-        net = self.student
+        net = self.student if self.ema is None else TrigFlowTransformer(self.ema.shadow, self.sigma_data)
         was_training = net.training
         net.eval()
         w = self.cfg.sample_guidance if guidance is None else guidance
@@ -501,7 +523,8 @@ class DistillMethod(Method):
             if item.name in ("transformer", SPRINT_CONFIG):
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-        student = copy.deepcopy(self.student.transformer).to("cpu", dtype)
+        trained = self.student.transformer if self.ema is None else self.ema.shadow
+        student = copy.deepcopy(trained).to("cpu", dtype)
         student.save_pretrained(tmp / "transformer", safe_serialization=True)
         config = json.loads((self.teacher_dir / SPRINT_CONFIG).read_text())
         if self.control_train is not None:  # Sprint-ControlNet: the student's ControlNet next to its base
@@ -516,7 +539,8 @@ class DistillMethod(Method):
             default_guidance=self.cfg.sample_guidance,
             distill={"loss": self.cfg.loss, "cfg_embed": self.cfg.cfg_embed, "ladd_weight": self.cfg.ladd_weight,
                      "max_time_prob": self.cfg.max_time_prob, "steps": self.cfg.steps,
-                     "trained_steps": self.trained_steps},
+                     "trained_steps": self.trained_steps, "ema_decay": self.cfg.ema_decay,
+                     "weights": "ema" if self.ema is not None else "raw"},
         )
         (tmp / SPRINT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if out.exists():
