@@ -26,10 +26,11 @@ REPRODUCE_ARGS ?=
 reproduce: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python scripts/reproduce.py --budget full $(REPRODUCE_ARGS)
 
-# The shipped shapes teacher (v4) from scratch, stage by stage (~390 CPU-minutes on 2 cores; every stage
+# The shipped shapes teacher (v5) from scratch, stage by stage (~415 CPU-minutes on 2 cores; every stage
 # resumes from its checkpoints if interrupted; --stop-at replays the steps where our runs were stopped
-# by their time limits). runs/teacher_pe/export is v3; the last two stages (twin_position scenes, half
-# the training times at high noise) give v4 = runs/teacher_twin_mix2/export (= models/shapes-teacher).
+# by their time limits). runs/teacher_pe/export is v3; the last three stages (twin_position scenes, half
+# the training times at high noise) give v4 = runs/teacher_twin_mix2/export and
+# v5 = runs/teacher_twin_mix3/export (= models/shapes-teacher).
 teacher: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/sana-sprint train-teacher --config configs/shapes-teacher.json --resume --stop-at 4219 --max-minutes 0
 	OMP_NUM_THREADS=1 $(BIN)/sana-sprint train-teacher --config configs/shapes-teacher-stage2.json --stop-at 15243 --max-minutes 0
@@ -38,6 +39,7 @@ teacher: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/sana-sprint train-teacher --config configs/shapes-teacher-pe.json
 	OMP_NUM_THREADS=1 $(BIN)/sana-sprint train-teacher --config configs/shapes-teacher-twin-mix.json
 	OMP_NUM_THREADS=1 $(BIN)/sana-sprint train-teacher --config configs/shapes-teacher-twin-mix2.json
+	OMP_NUM_THREADS=1 $(BIN)/sana-sprint train-teacher --config configs/shapes-teacher-twin-mix3.json
 
 # The browser end-to-end test needs Debian's chromium + chromedriver; without them it is skipped.
 browser-deps:
