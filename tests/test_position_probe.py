@@ -66,3 +66,41 @@ def test_opposite_relation_folder(tmp_path):
     assert "left of" in boxes and rel not in boxes
     assert opposite_relation.main([str(src), str(tmp_path / "out")]) == 2  # never overwrites
     assert opposite_relation.main([str(tmp_path / "out" / "00000" / "samples"), str(tmp_path / "x")]) == 2
+
+
+def test_side_report_on_ground_truth_renders(tmp_path, capsys):
+    """Rendered position scenes satisfy their relation: the report puts them under "true", and under
+    "opposite" once the records are swapped; a blank image falls under "objects"."""
+    import json
+
+    import numpy as np
+    import opposite_relation
+    from PIL import Image
+
+    from sana_sprint.data.shapes import ShapesWorld
+
+    world, src = ShapesWorld(64), tmp_path / "imgs"
+    relations = []
+    for i in range(16):
+        objects, meta, bg = world.scene(3, i, task="position")
+        relations.append(meta["include"][1]["position"][0])
+        folder = src / f"{i:05d}"
+        (folder / "samples").mkdir(parents=True)
+        (folder / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
+        Image.fromarray(world.render(objects, background=bg)).save(folder / "samples" / "0000.png")
+        if i == 0:  # a second image of the first prompt with nothing in it
+            Image.fromarray(np.full((64, 64, 3), 240, np.uint8)).save(folder / "samples" / "0001.png")
+    report = opposite_relation.side_report(src)
+    assert set(report) == set(relations) and len(set(relations)) >= 3
+    total = {k: sum(r[k] for r in report.values()) for k in opposite_relation.SIDE_OUTCOMES}
+    assert sum(total.values()) == 17 and total["objects"] >= 1
+    assert total["true"] >= 14 and total["opposite"] == 0, report  # the detector may miss a tiny object
+
+    assert opposite_relation.main([str(src), str(tmp_path / "opp")]) == 0
+    flipped = opposite_relation.side_report(tmp_path / "opp")
+    back = {k: sum(r[k] for r in flipped.values()) for k in opposite_relation.SIDE_OUTCOMES}
+    assert back["opposite"] == total["true"] and back["true"] == 0 and back["objects"] == total["objects"]
+    assert opposite_relation.main([str(src), "--sides"]) == 0
+    assert "| relation | images | true | opposite | neither | objects |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # both or neither of DST / --sides
+        opposite_relation.main([str(src), str(tmp_path / "x"), "--sides"])
