@@ -214,3 +214,35 @@ def test_export_loads_in_both_pipelines(tmp_path, teacher_folder, text_encoder, 
     assert mine.shape == ref.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert (mine - ref).abs().max() <= 1e-5
     assert ref.std() > 1e-3
+
+
+def test_loss_terms_sum_to_the_generator_gradient(teacher_folder, text_encoder):
+    """scripts/loss_balance.py's split: grad(total) == grad(sCM) + ladd_weight * grad(adv) for the same
+    draws, and the script's norms are those of the two parts."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import loss_balance
+
+    method = _method(teacher_folder, text_encoder, loss="both", ladd_weight=3.0)
+    with torch.no_grad():  # heads that give the student a non-zero adversarial gradient
+        for p in method.disc.heads.parameters():
+            p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(2)))
+    batch = train_batch(text_encoder)
+    params = [p for p in method.student.parameters() if p.requires_grad]
+    x0, e, m = method.prepare_batch(batch)
+    method.gen.manual_seed(11)
+    method.disc.eval().requires_grad_(False)
+    terms = {}
+    total, _ = method.generator_loss(x0, e, m, 50, terms=terms)
+    g_total = torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
+    g_scm = torch.autograd.grad(terms["scm"], params, retain_graph=True, allow_unused=True)
+    g_adv = torch.autograd.grad(terms["adv"], params, allow_unused=True)
+    zero = lambda g, p: torch.zeros_like(p) if g is None else g  # noqa: E731
+    for p, a, b, c in zip(params, g_total, g_scm, g_adv):
+        torch.testing.assert_close(zero(a, p), zero(b, p) + 3.0 * zero(c, p), rtol=1e-4, atol=1e-6)
+    norm = lambda gs: float(torch.sqrt(sum((g.double() ** 2).sum() for g in gs if g is not None)))  # noqa: E731
+    got = loss_balance.term_grad_norms(method, batch, 50, 11)
+    assert got["scm"] == pytest.approx(norm(g_scm), rel=1e-6) and got["adv"] == pytest.approx(norm(g_adv), rel=1e-6)
+    assert got["adv"] > 0 and got["adv_over_scm"] == pytest.approx(got["adv"] / got["scm"])

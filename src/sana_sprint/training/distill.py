@@ -368,12 +368,14 @@ class DistillMethod(Method):
         scales = self.scm_cfg.guidance_scales
         return ladd_lib.per_sample(lambda m, g: scm_lib.sample_guidance(m, scales, g), b, draws).to(self.device)
 
-    def generator_loss(self, x0: torch.Tensor, ehs: torch.Tensor, mask: torch.Tensor, step: int):
+    def generator_loss(self, x0: torch.Tensor, ehs: torch.Tensor, mask: torch.Tensor, step: int,
+                       terms: dict[str, torch.Tensor] | None = None):
         """(total loss scalar, logs) of the G phase.
 
         With both losses, the student's two gradient forwards (sCM at s, adversarial sample at s_G)
         run as one doubled batch: the same math (no batch coupling in the student), fewer kernel
-        launches.
+        launches. ``terms``, if given, receives the unweighted loss tensors ("scm", "adv") of the same
+        draws (total = scm + ladd_weight * adv), e.g. to compare their gradients (scripts/loss_balance.py).
         """
         cfg, logs = self.cfg, {}
         sd = self.sigma_data
@@ -407,6 +409,8 @@ class DistillMethod(Method):
         if cfg.uses_scm:
             out = scm_lib.scm_loss_from(F[:n_scm], logvar[:n_scm], tg, sd)
             total = total + out.loss.mean()
+            if terms is not None:
+                terms["scm"] = out.loss.mean()
             logs.update(out.logs)
             logs["loss_scm"] = out.loss.mean().item()
         if use_adv:
@@ -414,6 +418,8 @@ class DistillMethod(Method):
             adv, adv_logs = ladd_lib.adversarial_g_loss(self.student, self.disc, x0, ehs, mask, w, self.ladd_cfg,
                                                         draws, x0_hat=x0_hat)
             total = total + cfg.ladd_weight * adv
+            if terms is not None:
+                terms["adv"] = adv
             logs.update(adv_logs)
             logs["loss_adv_g"] = adv.item()
         return total, logs
