@@ -29,29 +29,18 @@ def term_grad_norms(method, batch: dict, step: int, seed: int) -> dict[str, floa
     params = [p for p in method.student.parameters() if p.requires_grad]
     x0, ehs, mask = method.prepare_batch(batch)
     method.gen.manual_seed(seed)
-    method.student.train()
-    method.disc.eval().requires_grad_(False)
     terms: dict[str, torch.Tensor] = {}
-    try:
+    out = {}
+    with method.generator_phase():
         method.generator_loss(x0, ehs, mask, step, terms=terms)
-        out = {}
         for name in ("scm", "adv"):
             if name not in terms:
                 continue
             grads = torch.autograd.grad(terms[name], params, retain_graph=True, allow_unused=True)
             out[name] = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
-    finally:
-        method.disc.requires_grad_(True)
     if "scm" in out and "adv" in out:
         out["adv_over_scm"] = out["adv"] / max(out["scm"], 1e-30)
     return out
-
-
-def load_checkpoint_modules(method, checkpoint: Path) -> None:
-    from sana_sprint.training.checkpoint import module_state
-
-    for name, module in method.state_modules().items():
-        module.load_state_dict(module_state(checkpoint, name))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
     args = p.parse_args(argv)
     from sana_sprint.errors import UserError
+    from sana_sprint.training.checkpoint import load_checkpoint
     from sana_sprint.training.distill import DistillConfig, build
 
     try:
@@ -72,10 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(cfg.threads or 1)
         method, data = build(cfg, torch.device("cpu"))
         step = 10**9  # past the tangent warm-up
-        if args.checkpoint is not None:
-            if not (args.checkpoint / "meta.json").is_file():
-                raise UserError(f"--checkpoint {args.checkpoint}: not a checkpoint folder (no meta.json)")
-            load_checkpoint_modules(method, args.checkpoint)
+        if args.checkpoint is not None:  # the run's modules (student, logvar, heads, EMA); not its RNG
+            load_checkpoint(args.checkpoint, modules=method.state_modules(), restore_rng=False)
     except (UserError, OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -29,11 +29,17 @@ from pathlib import Path
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
-def swap_folder(src: Path, dst: Path) -> int:
-    """Write the swapped copy; returns how many prompt folders had a position clause."""
+def metadata_files(src: Path) -> list[Path]:
+    """The ``<index>/metadata.jsonl`` files of a GenEval-layout folder (ValueError if it has none)."""
     metas = sorted(src.glob("*/metadata.jsonl"))
     if not metas:
         raise ValueError(f"{src} has no <index>/metadata.jsonl: not a GenEval-layout folder")
+    return metas
+
+
+def swap_folder(src: Path, dst: Path) -> int:
+    """Write the swapped copy; returns how many prompt folders had a position clause."""
+    metadata_files(src)
     if dst.exists():
         raise ValueError(f"{dst} exists; choose a new folder")
     shutil.copytree(src, dst)
@@ -65,11 +71,8 @@ def side_report(src: Path) -> dict[str, dict[str, int]]:
     from sana_sprint.evaluation.detector import detect
     from sana_sprint.evaluation.geneval import evaluate_image
 
-    metas = sorted(src.glob("*/metadata.jsonl"))
-    if not metas:
-        raise ValueError(f"{src} has no <index>/metadata.jsonl: not a GenEval-layout folder")
     report: dict[str, dict[str, int]] = {}
-    for m in metas:
+    for m in metadata_files(src):
         meta = json.loads(m.read_text().splitlines()[0])
         clauses = [c for c in meta.get("include", []) if "position" in c]
         if not clauses:

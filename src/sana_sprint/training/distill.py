@@ -424,12 +424,21 @@ class DistillMethod(Method):
             logs["loss_adv_g"] = adv.item()
         return total, logs
 
-    def generator_step(self, x0: torch.Tensor, ehs: torch.Tensor, mask: torch.Tensor, step: int,
-                       opt: Stepper) -> dict[str, Any]:
-        """G phase: heads frozen (no gradients) and in eval mode (spectral-norm power iteration paused)."""
+    @contextlib.contextmanager
+    def generator_phase(self):
+        """The G phase's setting: student in train mode, heads frozen (no gradients) and in eval mode
+        (spectral-norm power iteration paused); the heads take gradients again afterwards."""
         self.student.train()
         self.disc.eval().requires_grad_(False)
         try:
+            yield
+        finally:
+            self.disc.requires_grad_(True)
+
+    def generator_step(self, x0: torch.Tensor, ehs: torch.Tensor, mask: torch.Tensor, step: int,
+                       opt: Stepper) -> dict[str, Any]:
+        """G phase (:meth:`generator_phase`): one generator update, then the student EMA if any."""
+        with self.generator_phase():
             loss_g, logs = self.generator_loss(x0, ehs, mask, step)
             logs["loss"] = loss_g.item()
             stepped = opt.step(loss_g, "generator")
@@ -439,8 +448,6 @@ class DistillMethod(Method):
 
                 with gathered(self.student):  # --fsdp: full weights for the (unsharded) EMA; else a no-op
                     self.ema.update(self.student.transformer)
-        finally:
-            self.disc.requires_grad_(True)
         return logs
 
     def discriminator_step(self, x0: torch.Tensor, ehs: torch.Tensor, mask: torch.Tensor, opt: Stepper) -> dict[str, Any]:
