@@ -82,6 +82,7 @@ def test_transformer_calls_are_counted(folders):
         (["--repeats", "0"], "repeats"),
         (["--out", "x.txt"], ".json"),
         (["--model", "/nonexistent/folder"], "not found"),
+        (["--diffusers-dtype", "fp16"], "diffusers-dtype"),
     ],
 )
 def test_bench_argument_errors(capsys, tmp_path, folders, args, match):
@@ -158,3 +159,31 @@ def test_bench_compiles_by_default_when_warmup_absorbs_it(monkeypatch, folders, 
     monkeypatch.setattr(benchmarks, "run_bench", fake_run_bench)
     code = cli.main(["bench", "--model", str(folders[0]), "--out", str(tmp_path / "b.json"), *flags])
     assert code == 0 and seen["compile"] is compiled and seen["compile_diffusers"] is False
+
+
+def test_diffusers_in_both_dtypes_the_faster_is_the_baseline(folders):
+    """With fp32 and bf16 diffusers both timed, the row's baseline is the faster; pixels compare with fp32."""
+    student, _ = folders
+    result = benchmarks.run_bench(student, None, steps_list=(1,), batches=(2,), repeats=2, warmup=1, device="cpu",
+                                  fast_options={"bf16": "off", "compile": False}, log=lambda m: None,
+                                  diffusers_dtype="fp32,bf16")
+    (row,) = result["rows"]
+    by = row["diffusers_by_dtype"]
+    assert set(by) == {"fp32", "bf16"} and result["settings"]["student"]["diffusers_dtypes"] == ["fp32", "bf16"]
+    assert row["diffusers_ms"] == min(by.values()) and by[row["diffusers_dtype"]] == row["diffusers_ms"]
+    assert row["ratio"] == pytest.approx(row["ours_ms"] / row["diffusers_ms"], rel=1e-3)
+    assert row["max_pixel_diff_vs"] == "diffusers fp32" and row["max_pixel_diff"] <= 1 / 255
+    assert row["diffusers_dtype"] in benchmarks.markdown(result)
+
+
+def test_diffusers_dtypes_auto(monkeypatch):
+    import torch
+
+    from sana_sprint import fast
+
+    monkeypatch.setattr(fast, "cpu_has_native_bf16", lambda: False)
+    assert benchmarks.diffusers_dtypes(torch.device("cpu")) == ("fp32",)
+    assert benchmarks.diffusers_dtypes(torch.device("cuda")) == ("fp32", "bf16")
+    monkeypatch.setattr(fast, "cpu_has_native_bf16", lambda: True)
+    assert benchmarks.diffusers_dtypes(torch.device("cpu")) == ("fp32", "bf16")
+    assert benchmarks.diffusers_dtypes(torch.device("cpu"), "bf16, bf16") == ("bf16",)

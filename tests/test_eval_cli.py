@@ -208,6 +208,31 @@ def test_same_model_twice_is_identical_and_batch_invariant(tmp_path, models):
         assert np.abs(x0 - x2).max() <= 1  # batch 1 vs 6: same noise, only float summation order differs
 
 
+@pytest.mark.parametrize("mode", ["exact", "linear"])
+def test_fast_paths_score_like_the_plain_pipeline(tmp_path, models, mode):
+    """``--fast``: the same seeds through sana_sprint.fast; exact = same pixels (+-1), bf16 = close, recorded."""
+    runs = {}
+    for name in ("off", mode):
+        out = tmp_path / f"{name}.json"
+        assert _eval("--model", models["student"], "--limit", 6, "--steps", 2, "--images-per-prompt", 1, "--seed", 3,
+                     "--fast", name, "--save-images", tmp_path / name, "--out", out) == 0
+        runs[name] = json.loads(out.read_text())
+    assert "fast" not in runs["off"] and runs[mode]["fast"]["bf16"] == ("off" if mode == "exact" else "linear")
+    diffs = []
+    for p in sorted((tmp_path / "off").rglob("*.png")):
+        a = np.asarray(Image.open(p), dtype=int)
+        b = np.asarray(Image.open(tmp_path / mode / p.relative_to(tmp_path / "off")), dtype=int)
+        diffs.append(np.abs(a - b))
+    assert len(diffs) == 6
+    if mode == "exact":
+        assert max(d.max() for d in diffs) <= 1
+    else:  # bf16 products: the stated mean-image tolerance (images in [0, 1]), and really not the fp32 path
+        from sana_sprint.fast import TOLERANCE
+
+        mean = float(np.mean([d.mean() for d in diffs])) / 255
+        assert 0 < mean <= TOLERANCE["bf16_image_mean"]
+
+
 def test_balanced_subset():
     tags = ["a", "b", "c"] * 3 + ["a"]
     assert R.balanced_subset(tags, None) == list(range(10))
@@ -285,11 +310,13 @@ def _bad_prompts(tmp_path):
         (["--images", "{tmp}", "--model", "{student}"], "cannot be combined with --model"),
         (["--images", "{tmp}"], "no samples"),
         (["--save-images", "{tmp}"], "not empty"),
+        (["--images", "{tmp}", "--fast", "mixed"], "cannot be combined with --fast"),
+        (["--model", "{teacher}", "--sampler", "trigflow-euler", "--fast", "exact"], "--fast"),
     ],
 )
 def test_user_mistakes(tmp_path, models, capsys, args, match):
     _bad_prompts(tmp_path)
-    args = [a.format(tmp=tmp_path, student=models["student"]) for a in args]
+    args = [a.format(tmp=tmp_path, student=models["student"], teacher=models["teacher"]) for a in args]
     if "--model" not in args and "--images" not in args:
         args = ["--model", str(models["student"]), *args]
     line = _one_line_error(capsys, _eval(*args, "--limit" if "--limit" not in args else "--seed", 1,

@@ -54,11 +54,12 @@ def test_fp32_fast_paths_match_reference(pipe, steps, inference_mode, channels_l
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
-@pytest.mark.parametrize("mode", ["linear", "all"])
+@pytest.mark.parametrize("mode", ["linear", "mixed", "all"])
 def test_bf16_within_tolerance_and_not_identical(pipe, mode, steps):
     ref = _run(pipe, steps)
     fp = fast.optimize_pipeline(_copy(pipe), bf16=mode)
     assert fp.fast.bf16 == mode
+    assert fp.vae.dtype == (torch.float32 if mode == "linear" else torch.bfloat16)
     out = _run(fp, steps)
     lat_err = (out.latents - ref.latents).abs().max().item() / ref.latents.std().item()
     assert lat_err <= fast.TOLERANCE["bf16_latent_rel"]
@@ -100,7 +101,7 @@ def test_auto_resolution_and_guards(monkeypatch):
     monkeypatch.setattr(fast, "cpu_has_native_bf16", lambda: False)
     assert fast.FastOptions().resolved(cpu).bf16 == "off"
     monkeypatch.setattr(fast, "cpu_has_native_bf16", lambda: True)
-    assert fast.FastOptions().resolved(cpu).bf16 == "linear"
+    assert fast.FastOptions().resolved(cpu).bf16 == "mixed"
     assert fast.FastOptions().resolved(torch.device("cuda")).bf16 == "all"
     assert fast.FastOptions(compile=True).resolved(torch.device("cuda")).cuda_graphs is True
     assert fast.FastOptions(compile=True).resolved(cpu).cuda_graphs is False
@@ -286,6 +287,21 @@ def test_fused_bert_equals_transformers_float64(tokenizer, bert):
         assert (fused(one, torch.ones_like(one)) - model(one)[0]).abs().max() < 1e-12
 
 
+def test_fused_bert_bf16_close_to_float64(tokenizer, bert):
+    """bf16 products (fp32 everything else) stay within the stated bf16 tolerance of a float64 BERT."""
+    ref_model = copy.deepcopy(bert).double()
+    fused = fast.FusedBertEncoder(copy.deepcopy(bert).float(), bf16=True)
+    assert all(layer[i].dtype == torch.bfloat16 for layer in fused.layers for i in (0, 2, 6, 8))
+    enc = fast.PaddingFreeTextEncoder.from_encoder(TextEncoder(tokenizer, ref_model, max_length=16))
+    ids, mask = enc._tokenize(SHORT + ["one square"])
+    with torch.no_grad():
+        ref = ref_model(ids, attention_mask=mask)[0]
+        out = fused(ids, mask)
+    assert out.dtype == torch.float32
+    err = (out.double() - ref)[mask.bool()].abs().max().item() / ref.std().item()
+    assert 1e-5 < err <= fast.TOLERANCE["bf16_latent_rel"]
+
+
 def test_fused_bert_refuses_other_architectures(bert):
     assert fast.FusedBertEncoder.supports(bert)
     other = copy.deepcopy(bert)
@@ -330,6 +346,27 @@ def test_lean_blocks_equal_diffusers_blocks_float64(guidance):
     assert all("forward" not in b.__dict__ for b in model.transformer.transformer_blocks)
 
 
+@pytest.mark.parametrize("guidance", [True, False])
+def test_lean_blocks_bf16_close_to_float64(guidance):
+    """Lean blocks on bf16 weight copies: within the stated bf16 tolerance of diffusers' blocks in float64."""
+    model = TrigFlowTransformer(tiny_transformer(guidance_embeds=guidance, seed=4))
+    ref_model = copy.deepcopy(model).double()
+    x, e, m = _lean_inputs(torch.float32)
+    w = 4.5 if guidance else None
+    with torch.no_grad():
+        ref = _transformer_out(ref_model, x.double(), e.double(), m, w)
+        assert fast.lean_blocks(model.transformer, bf16=True) == 2
+        out = _transformer_out(model, x, e, m, w)
+        fused = [b.__dict__["_sprint_fused"][1] for b in model.transformer.transformer_blocks]
+    assert all(wt.dtype == torch.bfloat16 and (bias is None or bias.dtype == torch.float32)
+               for f in fused for wt, bias in f)
+    assert out.dtype == torch.float32
+    err = (out.double() - ref).abs().max().item() / ref.std().item()
+    assert 1e-5 < err <= fast.TOLERANCE["bf16_latent_rel"]
+    fast.restore_blocks(model.transformer)
+    assert not any(k in b.__dict__ for b in model.transformer.transformer_blocks for k in ("_sprint_bf16", "forward"))
+
+
 def test_lean_blocks_fall_back_and_follow_weight_updates():
     model = TrigFlowTransformer(tiny_transformer(seed=4)).double()
     x, e, m = _lean_inputs(torch.float64)
@@ -361,8 +398,15 @@ def test_lean_pipeline_matches_reference_fp32(long_pipe, steps):
     assert ref.images.std() > 1e-3
     assert (out.images - ref.images).abs().max() <= fast.TOLERANCE["fp32"]
     assert (out.latents - ref.latents).abs().max() <= fast.TOLERANCE["fp32"]
-    linear = fast.optimize_pipeline(_copy(long_pipe), bf16="linear")  # per-Linear autocast: no lean blocks
-    assert not any("forward" in b.__dict__ for b in linear.transformer.transformer_blocks)
+    # bf16="linear": the same lean blocks and lean text encoder on bf16 weight copies
+    linear = fast.optimize_pipeline(_copy(long_pipe), bf16="linear")
+    blocks = linear.transformer.transformer_blocks
+    assert all(b.__dict__.get("_sprint_bf16") for b in blocks) and linear.text_encoder.lean.bf16
+    out = linear(SHORT, steps=steps, seed=3, output_type="pt")
+    assert all(w.dtype == torch.bfloat16 for b in blocks for w, _ in b.__dict__["_sprint_fused"][1])
+    lat_err = (out.latents - ref.latents).abs().max().item() / ref.latents.std().item()
+    assert 1e-5 < lat_err <= fast.TOLERANCE["bf16_latent_rel"]
+    assert (out.images - ref.images).abs().mean() <= fast.TOLERANCE["bf16_image_mean"]
 
 
 @pytest.mark.parametrize("shortcut", [True, False])

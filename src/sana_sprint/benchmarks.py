@@ -16,8 +16,10 @@ For each step count (and the teacher at 20 steps when ``--teacher`` is given) an
 - **diffusers**: ``SanaSprintPipeline`` (teacher: ``SanaPipeline`` + flow-match Euler, same shift) loaded
   from the same folder, with our text encoder and tokenizer passed in, ``max_sequence_length`` equal
   to ours, no prompt prefix (``complex_human_instruction=None``), ``use_resolution_binning=False``, and its
-  fastest fair eager settings: its own modules, fp32 on CPU (bf16 convolutions are ~30x slower on AVX2),
-  bf16 on CUDA; ``--compile-diffusers`` compiles its transformer too (an extra comparison).
+  fastest fair eager settings: its own modules, in fp32 and, where bf16 can pay (CUDA, or a CPU with
+  native bf16 matmuls: AVX512-BF16 / AMX), also in bf16, the faster of the two per row being the
+  baseline (``--diffusers-dtype`` picks; on an AVX2-only CPU bf16 convolutions are ~30x slower, so fp32
+  only); ``--compile-diffusers`` compiles its transformer too (an extra comparison).
 
 ``--clock cpu`` times process CPU time instead of wall time: on a CPU shared with other jobs it
 counts the work done, not the waiting (with ``--threads 1`` both agree on an idle machine). The runs are interleaved (each repeat times ours, diffusers and the optional plain pipeline once, in
@@ -206,9 +208,13 @@ def _max_pixel_diff(a, b) -> float:
     return max(float(np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).max()) for x, y in zip(a, b)) / 255
 
 
-def bench_case(ours, theirs, *, steps: int, batch: int, repeats: int, warmup: int, device, plain=None,
+def bench_case(ours, theirs: dict, *, steps: int, batch: int, repeats: int, warmup: int, device, plain=None,
                cpu_clock: bool = False) -> dict:
-    """One row: ours (+ optional plain SprintPipeline) vs diffusers at ``steps`` steps and ``batch`` images."""
+    """One row: ours (+ optional plain SprintPipeline) vs diffusers at ``steps`` steps and ``batch`` images.
+
+    ``theirs`` maps a dtype label ("fp32", "bf16") to a diffusers pipeline; all of them are timed, the
+    fastest is the row's baseline (``diffusers_dtype``), ``diffusers_by_dtype`` keeps every median.
+    """
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     size = int(ours.config["resolution"])
     teacher = ours.kind == "teacher"
@@ -229,24 +235,32 @@ def bench_case(ours, theirs, *, steps: int, batch: int, repeats: int, warmup: in
             theirs_kw["intermediate_timesteps"] = None  # diffusers refuses other step counts otherwise
 
     row: dict[str, Any] = {"name": f"teacher-{steps}step" if teacher else f"sprint-{steps}step", "steps": steps, "batch": batch}
-    clocks = [_Clock(device, cpu=cpu_clock) for _ in range(3)]
-    sides = [
-        (lambda: ours(prompts, generator=_generators(batch, device), **ours_kw).images, clocks[0], ours.text_encoder.clear_cache),
-        (lambda: theirs(prompts, generator=_generators(batch, device), **theirs_kw).images, clocks[1], lambda: None),
-    ]
+    labels = list(theirs)
+    clocks = [_Clock(device, cpu=cpu_clock) for _ in range(len(labels) + 2)]
+    sides = [(lambda: ours(prompts, generator=_generators(batch, device), **ours_kw).images, clocks[0],
+              ours.text_encoder.clear_cache)]
     with contextlib.ExitStack() as stack:
         stack.enter_context(_instrument(clocks[0], ours.text_encoder, "encode", ours.transformer, ours.vae))
-        stack.enter_context(_instrument(clocks[1], theirs, "encode_prompt", theirs.transformer, theirs.vae))
+        for i, label in enumerate(labels, 1):
+            pipe = theirs[label]
+            stack.enter_context(_instrument(clocks[i], pipe, "encode_prompt", pipe.transformer, pipe.vae))
+            sides.append((lambda pipe=pipe: pipe(prompts, generator=_generators(batch, device), **theirs_kw).images,
+                          clocks[i], lambda: None))
         if plain is not None:
-            stack.enter_context(_instrument(clocks[2], plain.text_encoder, "encode", plain.transformer, plain.vae))
+            stack.enter_context(_instrument(clocks[-1], plain.text_encoder, "encode", plain.transformer, plain.vae))
             sides.append((lambda: plain(prompts, generator=_generators(batch, device), **ours_kw).images,
-                          clocks[2], plain.text_encoder.clear_cache))
+                          clocks[-1], plain.text_encoder.clear_cache))
         results = _interleaved_runs(sides, repeats, warmup)
-    (mine, mine_out, mine_first), (ref, ref_out, ref_first) = results[:2]
+    mine, mine_out, mine_first = results[0]
+    by_label = dict(zip(labels, results[1:]))
+    fastest = min(labels, key=lambda k: by_label[k][0]["total_ms"])
+    ref, _, ref_first = by_label[fastest]
     row.update(
         ours_ms=mine["total_ms"],
         diffusers_ms=ref["total_ms"],
         ratio=round(mine["total_ms"] / ref["total_ms"], 4),
+        diffusers_dtype=fastest,
+        diffusers_by_dtype={k: by_label[k][0]["total_ms"] for k in labels},
         ours_cached_text_ms=round(mine["total_ms"] - mine["text_ms"], 3),
         ours_img_s=round(batch * 1000 / mine["total_ms"], 3),
         diffusers_img_s=round(batch * 1000 / ref["total_ms"], 3),
@@ -256,11 +270,30 @@ def bench_case(ours, theirs, *, steps: int, batch: int, repeats: int, warmup: in
         diffusers_first_call_ms=ref_first,
     )
     # Same weights, schedule and generators: the outputs agree (students; the diffusers teacher feeds
-    # the transformer 1000 t where ours feeds t, so only its cost is comparable).
-    row["max_pixel_diff"] = None if teacher else round(_max_pixel_diff(mine_out, ref_out), 5)
+    # the transformer 1000 t where ours feeds t, so only its cost is comparable). Compared with diffusers
+    # in fp32 where it ran (the reference), else with the baseline.
+    versus = "fp32" if "fp32" in by_label else fastest
+    row["max_pixel_diff"] = None if teacher else round(_max_pixel_diff(mine_out, by_label[versus][1]), 5)
+    row["max_pixel_diff_vs"] = None if teacher else f"diffusers {versus}"
     if plain is not None:
-        row["ours_plain_ms"] = results[2][0]["total_ms"]
+        row["ours_plain_ms"] = results[-1][0]["total_ms"]
     return row
+
+
+def diffusers_dtypes(device, spec: str = "auto") -> tuple[str, ...]:
+    """The dtypes diffusers runs in: ``spec`` "fp32", "bf16", "fp32,bf16" or "auto" (fp32, plus bf16 where
+    bf16 can pay: CUDA, or a CPU with native bf16 matmuls); the bench keeps the faster per row."""
+    from .fast import cpu_has_native_bf16
+
+    if spec == "auto":
+        return ("fp32", "bf16") if device.type == "cuda" or cpu_has_native_bf16() else ("fp32",)
+    labels = tuple(dict.fromkeys(x.strip() for x in spec.split(",") if x.strip()))
+    if not labels or any(x not in DTYPES for x in labels):
+        raise UserError(f"--diffusers-dtype must be auto or a comma-separated list of fp32, bf16; got {spec!r}")
+    return labels
+
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def run_bench(
@@ -276,6 +309,7 @@ def run_bench(
     log=print,
     cpu_clock: bool = False,
     compile_diffusers: bool = False,
+    diffusers_dtype: str = "auto",
 ) -> dict:
     """All rows for a student folder (and optionally a teacher folder); see the module docstring."""
     import diffusers
@@ -297,22 +331,24 @@ def run_bench(
             flag = "--model" if folder == model else "--teacher"
             raise UserError(f"{flag} {folder}: sprint_config kind is {kind!r}; --model takes a student, --teacher a teacher")
         ours = fast.optimize_pipeline(SprintPipeline.from_pretrained(folder, device=device), **fast_options)
-        # Fastest fair eager settings for diffusers: bf16 where it pays (CUDA); compiled only on request.
-        dtype = torch.bfloat16 if ours.fast.bf16 == "all" else torch.float32
-        theirs = load_diffusers(folder, ours, device, dtype)
+        # Fastest fair eager settings for diffusers: every dtype that can pay, the faster one per row; compiled
+        # only on request.
+        labels = diffusers_dtypes(device, diffusers_dtype)
+        theirs = {k: load_diffusers(folder, ours, device, getattr(torch, DTYPES[k])) for k in labels}
         if compile_diffusers:  # an extra comparison; the documented baseline is diffusers eager
-            if device.type == "cuda":
-                theirs.transformer.compile(mode="reduce-overhead" if ours.fast.cuda_graphs else None, dynamic=False)
-            else:
-                theirs.transformer.compile(dynamic=False, options=fast.CPU_COMPILE_OPTIONS)
+            for pipe in theirs.values():
+                if device.type == "cuda":
+                    pipe.transformer.compile(mode="reduce-overhead" if ours.fast.cuda_graphs else None, dynamic=False)
+                else:
+                    pipe.transformer.compile(dynamic=False, options=fast.CPU_COMPILE_OPTIONS)
         plain = SprintPipeline.from_pretrained(folder, device=device) if compare_plain else None
-        settings[ours.kind] = {"folder": str(folder), "ours": fast.describe(ours), "diffusers_dtype": str(dtype),
+        settings[ours.kind] = {"folder": str(folder), "ours": fast.describe(ours), "diffusers_dtypes": list(labels),
                                "diffusers_compiled": bool(compile_diffusers)}
         for steps, batch in cases:
             row = bench_case(ours, theirs, steps=steps, batch=batch, repeats=repeats, warmup=warmup, device=device,
                              plain=plain, cpu_clock=cpu_clock)
-            log(f"{row['name']:>16} b={batch:<3} ours {row['ours_ms']:9.2f} ms  diffusers {row['diffusers_ms']:9.2f} ms  "
-                f"ratio {row['ratio']:.3f}")
+            log(f"{row['name']:>16} b={batch:<3} ours {row['ours_ms']:9.2f} ms  diffusers {row['diffusers_ms']:9.2f} ms "
+                f"({row['diffusers_dtype']})  ratio {row['ratio']:.3f}")
             rows.append(row)
     return {
         "rows": rows,
@@ -337,14 +373,15 @@ def markdown(result: dict) -> str:
         f"device {s['device']}, {s['threads']} threads, "
         f"torch {s['torch']}, diffusers {s['diffusers']}. ratio = ours / diffusers (< 1: ours faster).",
         "",
-        "| name | steps | batch | ours ms | diffusers ms | ratio | ours img/s | diffusers img/s "
+        "| name | steps | batch | ours ms | diffusers ms | diffusers dtype | ratio | ours img/s | diffusers img/s "
         "| ours text / transformer / VAE / other ms | diffusers text / transformer / VAE / other ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         split = lambda d: " / ".join(f"{d[k]:.1f}" for k in COMPONENTS)  # noqa: E731
         lines.append(
-            f"| {r['name']} | {r['steps']} | {r['batch']} | {r['ours_ms']:.1f} | {r['diffusers_ms']:.1f} | {r['ratio']:.3f} "
+            f"| {r['name']} | {r['steps']} | {r['batch']} | {r['ours_ms']:.1f} | {r['diffusers_ms']:.1f} "
+            f"| {_dtype_cell(r)} | {r['ratio']:.3f} "
             f"| {r['ours_img_s']:.2f} | {r['diffusers_img_s']:.2f} | {split(r['ours'])} | {split(r['diffusers'])} |"
         )
     if any(v.get("ours", {}).get("compile") or v.get("diffusers_compiled") for v in s.values() if isinstance(v, dict)):
@@ -355,6 +392,13 @@ def markdown(result: dict) -> str:
                 lines.append(f"- {r['name']} batch {r['batch']}: ours {r['ours_first_call_ms'] / 1000:.1f} s, "
                              f"diffusers {r['diffusers_first_call_ms'] / 1000:.1f} s")
     return "\n".join(lines) + "\n"
+
+
+def _dtype_cell(row: dict) -> str:
+    """The baseline's dtype, with the other dtypes' medians when several ran."""
+    by = row.get("diffusers_by_dtype") or {}
+    others = ", ".join(f"{k} {v:.1f}" for k, v in by.items() if k != row.get("diffusers_dtype"))
+    return f"{row.get('diffusers_dtype', '?')}" + (f" ({others})" if others else "")
 
 
 def _int_list(text: str, name: str) -> tuple[int, ...]:
@@ -377,13 +421,17 @@ def bench_command(p: argparse.ArgumentParser):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--bf16", default="auto", choices=("auto", "off", "linear", "all"), help="see sana_sprint.fast")
+    p.add_argument("--bf16", default="auto", choices=("auto", "off", "linear", "mixed", "all"),
+                   help="see sana_sprint.fast (auto: all on CUDA, mixed on a CPU with native bf16, else off)")
     p.add_argument("--compile", dest="compile", action="store_const", const="on", default="auto",
                    help="torch.compile ours (see sana_sprint.fast); default: on when --warmup >= 1 (the first "
                         "warm-up call absorbs compilation and is reported apart)")
     p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="eager only")
     p.add_argument("--compile-diffusers", action="store_true",
                    help="also torch.compile diffusers' transformer, with our options (default: diffusers eager)")
+    p.add_argument("--diffusers-dtype", default="auto",
+                   help="diffusers' dtypes: fp32, bf16 or both comma-separated, the faster one per row is the baseline "
+                        "(default auto: fp32, plus bf16 on CUDA or a CPU with native bf16)")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--no-inference-mode", action="store_true")
     p.add_argument("--no-linear-convs", action="store_true", help="keep the transformer's 1x1/patch convolutions")
@@ -422,6 +470,7 @@ def bench_command(p: argparse.ArgumentParser):
         device = pick_device(args.device)
         if args.clock == "cpu" and device.type != "cpu":
             raise UserError(f"--clock cpu times CPU work only: use it with --device cpu (got {device})")
+        diffusers_dtypes(device, args.diffusers_dtype)  # a bad --diffusers-dtype is a usage error, before loading
         compile_ours = args.compile == "on" or (args.compile == "auto" and args.warmup >= 1)
         options = dict(
             bf16=args.bf16, compile=compile_ours, channels_last=not args.no_channels_last,
@@ -435,7 +484,7 @@ def bench_command(p: argparse.ArgumentParser):
         result = run_bench(
             folders[0], folders[1], steps_list, batches, args.repeats, args.warmup, device, options,
             compare_plain=args.compare_plain, log=lambda m: print(m, file=sys.stderr), cpu_clock=args.clock == "cpu",
-            compile_diffusers=args.compile_diffusers,
+            compile_diffusers=args.compile_diffusers, diffusers_dtype=args.diffusers_dtype,
         )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")

@@ -24,7 +24,7 @@
   mask when nothing is padded, no pooler; with ``trim_text``), every Sana block through
   :func:`_lean_block_forward` (fused self-attention QKV and cross-attention KV projections, no module
   dispatch / processor inspection / mask repetition; diffusers' own forward while autograd records or
-  with other attention processors; not with ``bf16="linear"``), and the DC-AE decoder's nearest-x2
+  with other attention processors), and the DC-AE decoder's nearest-x2
   upsample + 3x3 conv blocks as sub-pixel 2x2 convolutions (:func:`subpixel_upsampling`, 16 instead
   of 36 multiply-adds). Fused / sub-pixel weights are copies, rebuilt when a parameter changes in place;
 - ``cache_time``: the transformer's (time + CFG) embedding memoised by the exact time / guidance values
@@ -33,10 +33,14 @@
 - ``channels_last``: the DC-AE decoder (all convolutions) in channels-last memory format; about 1.3-2x
   faster decoding on an AVX2 CPU (oneDNN), bit-for-bit equal up to summation order;
 - ``bf16``: ``"all"`` casts transformer and VAE weights to bf16 (what pays on a GPU); ``"linear"`` runs
-  only the transformer's ``nn.Linear`` layers under bf16 autocast, keeping its 1x1/depthwise convolutions,
-  attention sums and the VAE in fp32 (on CPUs with native bf16 matmuls: AVX512-BF16 / AMX); ``"auto"``
-  picks ``"all"`` on CUDA, ``"linear"`` on a CPU with native bf16 and ``"off"`` otherwise. Measured on
-  an AVX2-only CPU: bf16 matmuls are ~10x and convolutions ~30x slower than fp32, so "auto" is "off";
+  the matrix products of the transformer (the lean blocks on bf16 copies of their weights, the other
+  ``nn.Linear`` layers under bf16 autocast; the time embedding stays fp32) and of the lean text encoder
+  in bf16, with fp32 master weights, activations, norms, attention sums, residuals and VAE; ``"mixed"``
+  is ``"linear"`` plus the VAE in bf16 (convolutions included); ``"auto"`` picks ``"all"`` on CUDA,
+  ``"mixed"`` on a CPU with native bf16 matmuls (AVX512-BF16 / AMX) and ``"off"`` otherwise. Measured
+  on an AVX2-only CPU: bf16 matmuls ~10x and convolutions ~30x slower than fp32 ("auto" = "off"); on
+  an AVX512-BF16 Xeon, 1 thread: a [12, 384] x [384, 1536] product 0.12 vs 0.41 ms, the shapes DC-AE
+  decoder 5.8 vs 10.6 ms at batch 1 and 24 vs 68 ms at batch 10 (mean |pixel difference| 0.0023 on [-1, 1]);
 - ``compile``: ``torch.compile`` in place (state-dict keys unchanged), one recompilation per batch size:
   on CUDA the transformer and the VAE decoder (with ``cuda_graphs`` mode ``"reduce-overhead"``); on a
   CPU only the transformer, with inductor's ``freezing`` (:data:`CPU_COMPILE_OPTIONS`; minutes of
@@ -55,7 +59,7 @@ from __future__ import annotations
 import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +69,8 @@ from .pipeline import SprintOutput, SprintPipeline
 from .text import TextEncoder
 from .text import logger as text_logger
 
-Bf16Mode = Literal["off", "linear", "all", "auto"]
+Bf16Mode = Literal["off", "linear", "mixed", "all", "auto"]
+BF16_MODES = ("off", "linear", "mixed", "all", "auto")
 
 # Stated tolerances against the fp32 reference (checked by tests/test_fast.py on a random tiny model):
 # fp32 paths: max |difference| of images in [0, 1] and of latents; bf16: max |latent difference| relative
@@ -91,12 +96,12 @@ class FastOptions:
 
     def resolved(self, device: torch.device) -> FastOptions:
         """``auto`` / ``None`` replaced by what pays on ``device``; invalid combinations raise ValueError."""
-        if self.bf16 not in ("off", "linear", "all", "auto"):
-            raise ValueError(f"bf16 must be off, linear, all or auto, got {self.bf16!r}")
+        if self.bf16 not in BF16_MODES:
+            raise ValueError(f"bf16 must be one of {', '.join(BF16_MODES)}, got {self.bf16!r}")
         cuda = device.type == "cuda"
         bf16 = self.bf16
         if bf16 == "auto":
-            bf16 = "all" if cuda else "linear" if cpu_has_native_bf16() else "off"
+            bf16 = "all" if cuda else "mixed" if cpu_has_native_bf16() else "off"
         graphs = self.cuda_graphs
         if graphs is None:
             graphs = cuda and self.compile
@@ -206,12 +211,13 @@ class PaddingFreeTextEncoder(TextEncoder):
     lean: FusedBertEncoder | None = None
 
     @classmethod
-    def from_encoder(cls, enc: TextEncoder, lean: bool = False) -> PaddingFreeTextEncoder:
-        """With ``lean`` (and a supported model, see :class:`FusedBertEncoder`) the model runs through the lean forward."""
+    def from_encoder(cls, enc: TextEncoder, lean: bool = False, bf16: bool = False) -> PaddingFreeTextEncoder:
+        """With ``lean`` (and a supported model, see :class:`FusedBertEncoder`) the model runs through the lean
+        forward, with ``bf16`` its matrix products in bf16."""
         new = cls(enc.tokenizer, enc.model, enc.max_length, enc.spec)
         new._warned = enc._warned
         if lean and FusedBertEncoder.supports(enc.model):
-            new.lean = FusedBertEncoder(enc.model)
+            new.lean = FusedBertEncoder(enc.model, bf16=bf16)
         return new
 
     def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,10 +268,11 @@ class FusedBertEncoder:
     value projections as one matmul (their weights concatenated once, at construction: later changes
     to the model's weights are not seen), ``F.scaled_dot_product_attention`` with no mask when no key is
     padded, no dropout, no pooler, no output bookkeeping. Equal to the model's output up to float
-    rounding (tests/test_fast.py, float64). :meth:`supports` says whether a model qualifies.
+    rounding (tests/test_fast.py, float64). :meth:`supports` says whether a model qualifies. With
+    ``bf16`` the matrices are bf16 copies (products in bf16, biases, norms, attention and residuals fp32).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, bf16: bool = False):
         if not self.supports(model):
             raise ValueError(f"not a plain post-LN BertModel with absolute positions: {type(model).__name__}")
         cfg = model.config
@@ -273,6 +280,8 @@ class FusedBertEncoder:
         self.heads = int(cfg.num_attention_heads)
         self.hidden = int(cfg.hidden_size)
         self.eps = float(cfg.layer_norm_eps)
+        self.bf16 = bool(bf16)
+        mat = (lambda w: w.detach().to(torch.bfloat16).contiguous()) if bf16 else (lambda w: w)
         with torch.no_grad():
             self.word = emb.word_embeddings.weight
             self.type0 = emb.token_type_embeddings.weight[0]
@@ -283,10 +292,10 @@ class FusedBertEncoder:
                 a = layer.attention
                 qkv = (a.self.query, a.self.key, a.self.value)
                 self.layers.append((
-                    torch.cat([m.weight for m in qkv]).detach(), torch.cat([m.bias for m in qkv]).detach(),
-                    a.output.dense.weight, a.output.dense.bias, a.output.LayerNorm.weight, a.output.LayerNorm.bias,
-                    layer.intermediate.dense.weight, layer.intermediate.dense.bias,
-                    layer.output.dense.weight, layer.output.dense.bias,
+                    mat(torch.cat([m.weight for m in qkv]).detach()), torch.cat([m.bias for m in qkv]).detach(),
+                    mat(a.output.dense.weight), a.output.dense.bias, a.output.LayerNorm.weight, a.output.LayerNorm.bias,
+                    mat(layer.intermediate.dense.weight), layer.intermediate.dense.bias,
+                    mat(layer.output.dense.weight), layer.output.dense.bias,
                     layer.output.LayerNorm.weight, layer.output.LayerNorm.bias,
                 ))
 
@@ -312,10 +321,10 @@ class FusedBertEncoder:
         x = F.layer_norm(x + self.pos[:n], (h,), *self.ln, self.eps).reshape(b * n, h)
         attn_mask = None if mask is None or bool(mask.all()) else mask.bool()[:, None, None, :]
         for w_qkv, b_qkv, wo, bo, ln1w, ln1b, wi, bi, wo2, bo2, ln2w, ln2b in self.layers:
-            q, k, v = F.linear(x, w_qkv, b_qkv).view(b, n, 3, heads, h // heads).permute(2, 0, 3, 1, 4)
+            q, k, v = _linear(x, w_qkv, b_qkv).view(b, n, 3, heads, h // heads).permute(2, 0, 3, 1, 4)
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(b * n, h)
-            x = F.layer_norm(F.linear(ctx, wo, bo) + x, (h,), ln1w, ln1b, self.eps)
-            x = F.layer_norm(F.linear(F.gelu(F.linear(x, wi, bi)), wo2, bo2) + x, (h,), ln2w, ln2b, self.eps)
+            x = F.layer_norm(_linear(ctx, wo, bo) + x, (h,), ln1w, ln1b, self.eps)
+            x = F.layer_norm(_linear(F.gelu(_linear(x, wi, bi)), wo2, bo2) + x, (h,), ln2w, ln2b, self.eps)
         return x.view(b, n, h)
 
 
@@ -350,16 +359,39 @@ def _cat_or_none(tensors):
     return torch.cat(list(tensors)).detach()
 
 
-def _fused_projections(block: nn.Module):
-    """(self-attention QKV weight/bias, cross-attention KV weight/bias) of a Sana block, concatenated.
+class _LeanWeights(NamedTuple):
+    """The weights a lean Sana block multiplies by: (weight, bias) pairs, fused where projections share an input."""
 
+    qkv: tuple  # self-attention Q, K, V
+    kv: tuple  # cross-attention K, V
+    out1: tuple  # self-attention output
+    q2: tuple  # cross-attention query
+    out2: tuple  # cross-attention output
+    ci: tuple  # Mix-FFN conv_inverted (1x1) as a matrix
+    cp: tuple  # Mix-FFN conv_point (1x1) as a matrix
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear``; with a bf16 weight and an fp32 ``x``: the product in bf16, the bias added in fp32."""
+    if w.dtype == x.dtype:
+        return F.linear(x, w, b)
+    y = F.linear(x.to(w.dtype), w).to(x.dtype)
+    return y if b is None else y + b
+
+
+def _fused_projections(block: nn.Module) -> _LeanWeights | None:
+    """The weights of a lean Sana block (:class:`_LeanWeights`): QKV / KV concatenated, the rest as they are.
+
+    With the block's ``_sprint_bf16`` flag (``bf16="linear"`` / ``"mixed"``) every matrix is a bf16 copy (biases fp32).
     Rebuilt whenever a source parameter changes (in-place updates bump ``_version``); None when a
     block's bias layout cannot be fused (some projections with a bias, others without).
     """
-    a1, a2 = block.attn1, block.attn2
-    srcs = [a1.to_q, a1.to_k, a1.to_v, a2.to_k, a2.to_v]
+    a1, a2, ff = block.attn1, block.attn2, block.ff
+    bf16 = bool(block.__dict__.get("_sprint_bf16", False))
+    srcs = [a1.to_q, a1.to_k, a1.to_v, a2.to_k, a2.to_v, a1.to_out[0], a2.to_q, a2.to_out[0], ff.conv_inverted,
+            ff.conv_point]
     tensors = [t for m in srcs for t in (m.weight, m.bias) if t is not None]
-    key = _params_key(tensors)
+    key = (bf16, *_params_key(tensors))
     cached = block.__dict__.get("_sprint_fused")
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -368,10 +400,18 @@ def _fused_projections(block: nn.Module):
         b_kv = _cat_or_none([a2.to_k.bias, a2.to_v.bias])
         fused = None
         if b_qkv is not False and b_kv is not False:
-            # stored [in, out]-contiguous (a transposed view for F.linear): MKL's no-transpose GEMM, ~10% faster
-            w_qkv = torch.cat([a1.to_q.weight, a1.to_k.weight, a1.to_v.weight], 0).detach().t().contiguous().t()
-            w_kv = torch.cat([a2.to_k.weight, a2.to_v.weight], 0).detach().t().contiguous().t()
-            fused = (w_qkv, b_qkv, w_kv, b_kv)
+            w_qkv = torch.cat([a1.to_q.weight, a1.to_k.weight, a1.to_v.weight], 0).detach()
+            w_kv = torch.cat([a2.to_k.weight, a2.to_v.weight], 0).detach()
+            mats = [w_qkv, w_kv, a1.to_out[0].weight, a2.to_q.weight, a2.to_out[0].weight,
+                    ff.conv_inverted.weight.flatten(1), ff.conv_point.weight.flatten(1)]
+            if bf16:
+                mats = [w.detach().to(torch.bfloat16).contiguous() for w in mats]
+            else:
+                # stored [in, out]-contiguous (a transposed view for F.linear): MKL's no-transpose GEMM, ~10% faster
+                mats[:2] = [w.t().contiguous().t() for w in mats[:2]]
+            biases = [b_qkv, b_kv, a1.to_out[0].bias, a2.to_q.bias, a2.to_out[0].bias, ff.conv_inverted.bias,
+                      ff.conv_point.bias]
+            fused = _LeanWeights(*zip(mats, biases))
     block.__dict__["_sprint_fused"] = (key, fused)
     return fused
 
@@ -444,7 +484,6 @@ def _lean_block_forward(block: nn.Module, original, hidden_states, attention_mas
     if fused is None:
         return original(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, timestep,
                         height, width)
-    w_qkv, b_qkv, w_kv, b_kv = fused
     b, n, d = hidden_states.shape
     dtype = hidden_states.dtype
     mod = block.scale_shift_table[None] + timestep.reshape(b, 6, -1)
@@ -454,7 +493,7 @@ def _lean_block_forward(block: nn.Module, original, hidden_states, attention_mas
     # 1. linear self-attention (ReLU kernel), as SanaLinearAttnProcessor2_0
     x = F.layer_norm(hidden_states, (d,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
     x = torch.addcmul(shift_msa, x, scale_msa1).to(dtype)
-    q, k, v = F.linear(x, w_qkv, b_qkv).split([a1.to_q.out_features, a1.to_k.out_features, a1.to_v.out_features], -1)
+    q, k, v = _linear(x, *fused.qkv).split([a1.to_q.out_features, a1.to_k.out_features, a1.to_v.out_features], -1)
     q, k = _rms(q, a1.norm_q), _rms(k, a1.norm_k)
     h1 = a1.heads
     q = F.relu(q.transpose(1, 2).unflatten(1, (h1, -1))).float()  # [B, H, hd, N]
@@ -462,12 +501,12 @@ def _lean_block_forward(block: nn.Module, original, hidden_states, attention_mas
     v = F.pad(v.transpose(1, 2).unflatten(1, (h1, -1)).float(), (0, 0, 0, 1), value=1.0)  # [B, H, hd+1, N]
     o = torch.matmul(torch.matmul(v, k), q)
     o = (o[:, :, :-1] / (o[:, :, -1:] + 1e-15)).flatten(1, 2).transpose(1, 2).to(dtype)
-    hidden_states = torch.addcmul(hidden_states, gate_msa, F.linear(o, a1.to_out[0].weight, a1.to_out[0].bias))
+    hidden_states = torch.addcmul(hidden_states, gate_msa, _linear(o, *fused.out1))
 
     # 2. cross-attention, as SanaAttnProcessor2_0 (the mask is the model's additive bias [B, 1, L])
     h2 = a2.heads
-    q = _rms(F.linear(hidden_states, a2.to_q.weight, a2.to_q.bias), a2.norm_q)
-    k, v = F.linear(encoder_hidden_states, w_kv, b_kv).split([a2.to_k.out_features, a2.to_v.out_features], -1)
+    q = _rms(_linear(hidden_states, *fused.q2), a2.norm_q)
+    k, v = _linear(encoder_hidden_states, *fused.kv).split([a2.to_k.out_features, a2.to_v.out_features], -1)
     k = _rms(k, a2.norm_k)
     hd = k.shape[-1] // h2
     q = q.view(b, -1, h2, hd).transpose(1, 2)
@@ -481,40 +520,43 @@ def _lean_block_forward(block: nn.Module, original, hidden_states, attention_mas
             mask = a2.prepare_attention_mask(mask, k.shape[2], b)
             mask = mask.view(b, h2, -1, mask.shape[-1])
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, -1, h2 * hd).to(q.dtype)
-    hidden_states = F.linear(o, a2.to_out[0].weight, a2.to_out[0].bias) + hidden_states
+    hidden_states = _linear(o, *fused.out2) + hidden_states
 
     # 3. Mix-FFN (GLUMBConv) on tokens: 1x1 conv = matmul, depthwise 3x3 on the channels-last view
     x = F.layer_norm(hidden_states, (d,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
     x = torch.addcmul(shift_mlp, x, scale_mlp1)
-    ci, cd, cp = ff.conv_inverted, ff.conv_depth, ff.conv_point
-    x = F.silu(F.linear(x, ci.weight.flatten(1), ci.bias))  # [B, N, 2C]
+    cd = ff.conv_depth
+    x = F.silu(_linear(x, *fused.ci))  # [B, N, 2C]
     x = x.view(b, height, width, -1).permute(0, 3, 1, 2)
     x = F.conv2d(x, cd.weight, cd.bias, cd.stride, cd.padding, cd.dilation, cd.groups)
     x, gate = x.chunk(2, dim=1)
     x = (x * F.silu(gate)).permute(0, 2, 3, 1)  # [B, H, W, C]
-    x = F.linear(x, cp.weight.flatten(1), cp.bias).reshape(b, n, -1)
+    x = _linear(x, *fused.cp).reshape(b, n, -1)
     return torch.addcmul(hidden_states, gate_mlp, x)
 
 
-def lean_blocks(transformer: nn.Module) -> int:
+def lean_blocks(transformer: nn.Module, bf16: bool = False) -> int:
     """Install :func:`_lean_block_forward` on every supported Sana block of ``transformer``; returns how many.
 
     An instance-level ``forward`` override (weights, state-dict keys and hooks unchanged); the fused
-    projection weights are copies rebuilt when a parameter changes in place. :func:`restore_blocks` undoes it.
+    projection weights are copies rebuilt when a parameter changes in place. With ``bf16`` every matrix
+    product of the block runs on bf16 copies of its weights (fp32 activations cast at each product, fp32
+    biases, norms, attention sums and residuals). :func:`restore_blocks` undoes it.
     """
     n = 0
     for block in getattr(transformer, "transformer_blocks", []):
         if "forward" in block.__dict__ or not _lean_block_supported(block):
             continue
         block.forward = functools.partial(_lean_block_forward, block, type(block).forward.__get__(block))
+        block.__dict__["_sprint_bf16"] = bool(bf16)
         n += 1
     return n
 
 
 def restore_blocks(transformer: nn.Module) -> None:
     for block in getattr(transformer, "transformer_blocks", []):
-        block.__dict__.pop("forward", None)
-        block.__dict__.pop("_sprint_fused", None)
+        for attr in ("forward", "_sprint_fused", "_sprint_bf16"):
+            block.__dict__.pop(attr, None)
 
 
 # --- time (+ guidance) embedding cache --------------------------------------------------------------------
@@ -733,15 +775,18 @@ def optimize_pipeline(
     """
     opts = FastOptions(inference_mode, channels_last, bf16, compile, cuda_graphs, linear_convs, trim_text, lean, cache_time)
     opts = opts.resolved(pipe.device)
-    text = PaddingFreeTextEncoder.from_encoder(pipe.text_encoder, lean=opts.lean) if opts.trim_text else pipe.text_encoder
+    bf16_linear = opts.bf16 in ("linear", "mixed")
+    text = pipe.text_encoder
+    if opts.trim_text:
+        text = PaddingFreeTextEncoder.from_encoder(text, lean=opts.lean, bf16=opts.bf16 != "off")
     fast = FastSprintPipeline(text, pipe.model, pipe.vae, pipe.config)
     fast.fast = opts
     if opts.linear_convs:
         convs_as_linear(fast.transformer)
-    # The lean blocks call F.linear directly (no per-Linear autocast); under compile diffusers' own blocks
-    # trace into one graph (the lean ones' weight-version checks would break it).
-    if opts.lean and opts.bf16 != "linear" and not opts.compile:
-        lean_blocks(fast.transformer)
+    # Under compile diffusers' own blocks trace into one graph (the lean ones' weight-version checks would
+    # break it); eager, the lean blocks do their own bf16 products (bf16_linears covers the other Linears).
+    if opts.lean and not opts.compile:
+        lean_blocks(fast.transformer, bf16=opts.bf16 != "off")
     if opts.lean:
         subpixel_upsampling(fast.vae.decoder)
         lean_resblocks(fast.vae.decoder)
@@ -751,8 +796,10 @@ def optimize_pipeline(
         fast.transformer._sprint_trim_hook = trim_cross_attention(fast.transformer)
     if opts.bf16 == "all":
         fast.to(dtype=torch.bfloat16)
-    elif opts.bf16 == "linear":
+    elif bf16_linear:
         bf16_linears(fast.transformer)
+    if opts.bf16 == "mixed":  # nn.Module.to: diffusers' own .to() warns about a cast it cannot check
+        nn.Module.to(fast.vae, dtype=torch.bfloat16)
     if opts.channels_last:
         fast.vae.to(memory_format=torch.channels_last)
     if opts.compile:

@@ -482,6 +482,10 @@ def eval_command(p: argparse.ArgumentParser):
     p.add_argument("--save-images", default=None, metavar="DIR", help="also write GenEval's folder layout to DIR")
     p.add_argument("--images", default=None, metavar="DIR", help="score this GenEval-layout folder instead of a model")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--fast", default="off", choices=("off", "exact", "auto", "linear", "mixed", "all"),
+                   help="sample through sana_sprint.fast's inference paths, as serve / bench do: exact = the fp32 "
+                        "fast paths, auto / linear / mixed / all = with that bf16 mode (default: off, the plain "
+                        "fp32 pipeline)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="result JSON (a PNG grid of samples is written next to it)")
 
@@ -501,7 +505,7 @@ def eval_command(p: argparse.ArgumentParser):
         if args.images is not None:
             given = [f"--{n.replace('_', '-')}" for n in ("model", "steps", "timesteps", "guidance", "prompts", "save_images",
                                                           "sampler")
-                     if getattr(args, n) is not None]
+                     if getattr(args, n) is not None] + (["--fast"] if args.fast != "off" else [])
             if given:
                 raise UserError(f"--images scores an existing folder; it cannot be combined with {', '.join(given)}")
             result = evaluate_folder(args.images, limit=args.limit, **common)
@@ -526,10 +530,19 @@ def eval_command(p: argparse.ArgumentParser):
             quiet_libraries()
             pipe = SprintPipeline.from_pretrained(folder, device=pick_device(args.device))
             pipe = with_sampler(pipe, args.sampler)  # before any generation: a student + --sampler is a user error
+            if args.fast != "off":
+                if sampler_name(pipe) == "trigflow-euler":
+                    raise UserError("--fast samples with the model's own sampler; it cannot be combined with "
+                                    "--sampler trigflow-euler")
+                from sana_sprint.fast import describe, optimize_pipeline
+
+                pipe = optimize_pipeline(pipe, bf16="off" if args.fast == "exact" else args.fast)
             result = evaluate(pipe, [records[i] for i in keep], steps=args.steps, guidance=args.guidance, seed=args.seed,
                               images_per_prompt=args.images_per_prompt, batch=args.batch, timesteps=timesteps,
                               save_dir=save_dir, indices=keep, **common)
             result = {**result, "model": str(folder), "kind": pipe.kind, "sampler": sampler_name(pipe)}
+            if args.fast != "off":
+                result["fast"] = describe(pipe)
         order = ["overall", "tasks", "n_images", "fd_shapes", "model", "kind", "sampler", "images", "steps", "guidance",
                  "seed", "timesteps", "wall_s"]
         result = {k: result[k] for k in order if k in result} | {k: v for k, v in result.items() if k not in order}

@@ -174,7 +174,7 @@ def load_engine(model: str | None = None, controlnet: str | None = None, device:
         net, random_cn = random_controlnet(pipe.transformer), True
     from ..fast import convs_as_linear, optimize_pipeline
 
-    pipe = optimize_pipeline(pipe)  # exact fast paths (fp32 on CPU): see sana_sprint.fast
+    pipe = optimize_pipeline(pipe)  # fp32 exact fast paths, bf16 products where the CPU has native bf16: sana_sprint.fast
     if net is not None:
         convs_as_linear(net)  # the ControlNet's copied blocks get the same exact 1x1-conv fast path
     return Engine(pipe, net, random_model=random_model, random_controlnet=random_cn, model_name=name)
