@@ -164,3 +164,17 @@ def test_lazy_parser_matches_the_full_one():
     for name, p in sub(full).items():
         assert sub(cli.build_parser([name, "--help"]))[name].format_help() == p.format_help(), name
     assert cli.declared_commands("sana_sprint.errors") is None  # no commands: imported, never guessed
+
+
+def test_bf16_mode_choices_follow_fast():
+    """bench --bf16 and eval --fast spell the bf16 modes out (their --help must not import torch): same set as fast."""
+    from sana_sprint.fast import BF16_MODES
+
+    full = cli.build_parser()
+    subs = next(a for a in full._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    def choices(command, flag):
+        return set(next(a for a in subs[command]._actions if flag in a.option_strings).choices)
+
+    assert choices("bench", "--bf16") == set(BF16_MODES)
+    assert choices("eval", "--fast") == {"exact", *BF16_MODES}
