@@ -443,6 +443,21 @@ def test_subpixel_upsampling_in_dcae_decoder(pipe):
     assert ref.std() > 1e-3 and (out - ref).abs().max() < fast.TOLERANCE["fp32"]
 
 
+def test_compiled_lean_decoder_is_one_graph(pipe):
+    """A compiled DC-AE decoder with sub-pixel / lean blocks traces into one graph (fullgraph) once the
+    sub-pixel weights are prepared, and decodes what the eager decoder does (the CUDA compile path)."""
+    vae = copy.deepcopy(pipe.vae)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = vae.decode(z).sample
+        n = fast.subpixel_upsampling(vae.decoder)
+        assert n > 0 and fast.lean_resblocks(vae.decoder) > 0 and fast.prepare_subpixel(vae.decoder) == n
+        torch._dynamo.reset()
+        decoder = torch.compile(vae.decoder, backend="eager", fullgraph=True)  # raises on any graph break
+        out = decoder(z)
+    assert ref.std() > 1e-3 and (out - ref).abs().max() < fast.TOLERANCE["fp32"]
+
+
 def test_time_embedding_cache_is_exact_and_invalidated():
     t = tiny_transformer(seed=4)
     te = t.time_embed

@@ -625,9 +625,12 @@ def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
 def _upsample_conv(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``conv(interpolate(x, scale_factor=2, mode="nearest"))`` with 2.25x fewer multiply-adds; channels-last output."""
     conv = block.conv
-    key = _params_key([conv.weight] + ([conv.bias] if conv.bias is not None else []))
     cached = block.__dict__.get("_sprint_subpixel")
-    if cached is None or cached[0] != key:
+    # A compiled graph cannot compare tensor versions (a graph break per block): it uses the weights
+    # prepared before compiling (prepare_subpixel, called by optimize_pipeline).
+    compiling = torch.compiler.is_compiling() and cached is not None
+    key = None if compiling else _params_key([conv.weight] + ([conv.bias] if conv.bias is not None else []))
+    if not compiling and (cached is None or cached[0] != key):
         with torch.inference_mode(False), torch.no_grad():
             weight = conv.weight.detach()
             w = subpixel_weight(weight.double()).to(weight.dtype).contiguous(memory_format=torch.channels_last)
@@ -700,6 +703,20 @@ def subpixel_upsampling(decoder: nn.Module) -> int:
     An instance-level ``forward`` override; :func:`restore_upsampling` undoes it. Returns how many blocks.
     """
     return _override_forwards(decoder, _is_subpixel_block, _upsample_block_forward)
+
+
+def prepare_subpixel(decoder: nn.Module) -> int:
+    """Build the sub-pixel weights of every overridden up-sampling block of ``decoder`` now (before
+    ``torch.compile``: a compiled decoder uses them as they are); returns how many blocks."""
+    n = 0
+    for m in decoder.modules():
+        if _is_subpixel_block(m) and "forward" in m.__dict__:
+            conv = m.conv
+            x = torch.zeros(1, conv.in_channels, 1, 1, device=conv.weight.device, dtype=conv.weight.dtype)
+            with torch.no_grad():
+                _upsample_conv(m, x)
+            n += 1
+    return n
 
 
 def lean_resblocks(decoder: nn.Module) -> int:
@@ -806,6 +823,7 @@ def optimize_pipeline(
         if fast.device.type == "cuda":
             mode = "reduce-overhead" if opts.cuda_graphs else None
             fast.transformer.compile(mode=mode, dynamic=False)
+            prepare_subpixel(fast.vae.decoder)
             fast.vae.decoder.compile(mode=mode, dynamic=False)
         else:  # CPU: weights frozen into the graph (prepacked); the VAE decoder measured slower compiled
             fast.transformer.compile(dynamic=False, options=CPU_COMPILE_OPTIONS)
