@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 GPU_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"
 pytestmark = pytest.mark.usefixtures("one_thread")

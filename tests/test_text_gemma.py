@@ -112,3 +112,46 @@ def test_null_embedding_has_no_instruction(gemma_parts, sprint_pipeline):
     ref_e, ref_m = sprint_pipeline.encode_prompt([""], device=torch.device("cpu"), complex_human_instruction=None)
     torch.testing.assert_close(ne, ref_e.float(), atol=1e-6, rtol=0)
     assert torch.equal(nm, ref_m.long()) and int(nm.sum()) == 1  # BOS only
+
+
+@pytest.mark.parametrize("bucket", [1, 16, 64])
+def test_padding_free_gemma_equals_padded(gemma_parts, bucket):
+    """The fast path's padding-free encoder (token counts padded to a multiple of ``bucket``) gives the real
+    tokens of the 300-token padded encoding: Gemma is causal, right padding never reaches them."""
+    from sana_sprint.fast import PaddingFreeTextEncoder
+
+    tok, model = gemma_parts
+    enc = GemmaPromptEncoder(tok, model)
+    free = PaddingFreeTextEncoder.from_encoder(enc)
+    free.bucket = bucket
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    try:
+        ref, ref_mask = enc.encode(PROMPTS)
+        out, mask = free.encode(PROMPTS)
+    finally:
+        handle.remove()
+    longest = int(ref_mask.sum(1).max())
+    assert seen == [300, -(-longest // bucket) * bucket]
+    assert torch.equal(mask, ref_mask)
+    real = mask.bool()
+    assert ref[real].std() > 0.1 and (out[real] - ref[real]).abs().max() < 1e-5
+    assert (out[~real] == 0).all()
+
+
+def test_compiled_gemma_encoder_is_one_graph(gemma_parts):
+    """compile_model (the CUDA fast path's text encoder): Gemma-2 traces into one graph per bucket and encodes
+    what the eager model does."""
+    from sana_sprint.fast import PaddingFreeTextEncoder
+
+    tok, model = gemma_parts
+    ref, ref_mask = GemmaPromptEncoder(tok, model).encode(PROMPTS)
+    free = PaddingFreeTextEncoder.from_encoder(GemmaPromptEncoder(tok, model))
+    torch._dynamo.reset()
+    free.compile_model(bucket=16, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
+    out, mask = free.encode(PROMPTS)
+    assert free.bucket == 16 and free.compiled is not None and torch.equal(mask, ref_mask)
+    real = mask.bool()
+    assert (out[real] - ref[real]).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="bucket"):
+        free.compile_model(bucket=0)

@@ -209,6 +209,22 @@ class PaddingFreeTextEncoder(TextEncoder):
     """
 
     lean: FusedBertEncoder | None = None
+    # Token counts are padded up to a multiple of ``bucket`` (at most max_length): a compiled encoder then
+    # sees a handful of shapes (one CUDA graph each) instead of one per prompt length. Real tokens are
+    # unchanged: padded keys are masked (BERT) or come after them (a causal decoder such as Gemma-2).
+    bucket: int = 1
+    compiled = None  # torch.compile'd model (compile_model); None: eager
+
+    def compile_model(self, mode: str | None = None, bucket: int = 64, **compile_kwargs) -> None:
+        """Run the model (not the lean BERT forward) under ``torch.compile`` (``mode="reduce-overhead"``: CUDA
+        graphs; ``compile_kwargs`` go to ``torch.compile``), token counts bucketed to multiples of ``bucket``;
+        one compilation per bucket."""
+        if bucket < 1:
+            raise ValueError(f"bucket must be >= 1, got {bucket}")
+        self.lean = None
+        self.bucket = int(bucket)
+        self.compiled = torch.compile(self.model, mode=mode, dynamic=False, **compile_kwargs)
+        self.clear_cache()
 
     @classmethod
     def from_encoder(cls, enc: TextEncoder, lean: bool = False, bf16: bool = False) -> PaddingFreeTextEncoder:
@@ -247,12 +263,20 @@ class PaddingFreeTextEncoder(TextEncoder):
     @torch.no_grad()
     def _encode_uncached(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = self._tokenize(texts)
+        n = ids.shape[1]
+        padded = min(self.max_length, -(-n // self.bucket) * self.bucket)
+        if padded > n:
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            ids = F.pad(ids, (0, padded - n), value=pad)
+            mask = F.pad(mask, (0, padded - n), value=0)
         device = self.device
         mask = mask.to(device)
         if self.lean is not None:
             embeds = self.lean(ids.to(device), mask).float()
         else:
-            embeds = self.model(ids.to(device), attention_mask=mask)[0].float()
+            model = self.compiled if self.compiled is not None else self.model
+            # .float() copies (bf16 / fp16 models): a CUDA graph's output buffer is reused by its next replay
+            embeds = model(ids.to(device), attention_mask=mask)[0].float()
         b, n, c = embeds.shape
         full = embeds.new_zeros((b, self.max_length, c))
         full[:, :n] = embeds * mask[..., None]
@@ -823,6 +847,8 @@ def optimize_pipeline(
         if fast.device.type == "cuda":
             mode = "reduce-overhead" if opts.cuda_graphs else None
             fast.transformer.compile(mode=mode, dynamic=False)
+            if isinstance(fast.text_encoder, PaddingFreeTextEncoder):  # Gemma-2 eager at batch 1: launch-bound
+                fast.text_encoder.compile_model(mode)
             prepare_subpixel(fast.vae.decoder)
             fast.vae.decoder.compile(mode=mode, dynamic=False)
         else:  # CPU: weights frozen into the graph (prepacked); the VAE decoder measured slower compiled

@@ -53,6 +53,8 @@ class GemmaPromptEncoder(TextEncoder):
         spec: str | None = None,
     ):
         super().__init__(tokenizer, model, max_length=max_length, spec=spec)
+        if getattr(getattr(model, "config", None), "use_cache", False):
+            model.config.use_cache = False  # encoding, not generation: no key/value cache built on every call
         self.complex_human_instruction = list(complex_human_instruction) if complex_human_instruction else None
         self._null: tuple[torch.Tensor, torch.Tensor] | None = None
 
