@@ -18,24 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-SWAP = {"to the left of": "to the right of", "to the right of": "to the left of", "left of": "right of",
-        "right of": "left of", "above": "below", "below": "above", "under": "above"}
-_PATTERN = re.compile(r"\b(" + "|".join(sorted(map(re.escape, SWAP), key=len, reverse=True)) + r")\b")
-
-
-def swap_relation(caption: str) -> str:
-    """The caption with its one relation phrase replaced by the opposite one."""
-    found = _PATTERN.findall(caption)
-    if len(found) != 1:
-        raise ValueError(f"expected exactly one relation in {caption!r}, found {found}")
-    return _PATTERN.sub(lambda m: SWAP[m.group(1)], caption)
+from sana_sprint.data.shapes import swap_relation
 
 
 def swap_colours(caption: str) -> str | None:

@@ -57,3 +57,8 @@ def test_training_bench_tiny(scripts, tmp_path):
         assert saved[phase]["time_s"] > 0 and not saved[phase].get("oom")
     assert res["params"]["student_params"] > res["params"]["teacher_params"]  # + CFG embedding and logvar head
     assert set(res["infer_1step"]) >= {"transformer", "vae_decode", "end_to_end"}
+    jvp = saved["jvp"]
+    assert jvp["jvp_in_student_forwards"] == pytest.approx(jvp["jvp"]["time_s"] / jvp["student_forward"]["time_s"])
+    assert "JVP =" in bench.table(res)
+    only = bench.main(["--tiny", "--repeats", "1", "--phases", "jvp", "--json", str(tmp_path / "j.json")])
+    assert "jvp" in only and "teacher_ft" not in only and "infer_1step" not in only

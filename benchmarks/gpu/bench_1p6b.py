@@ -15,6 +15,7 @@ Phases (each measured after one warm-up step, models of the previous phase freed
                generator term (max-time student sample -> re-noise -> frozen teacher features ->
                heads), bwd, grad clip 0.1, AdamW
   distill_D    fake sample (no grad) + real, re-noised, frozen teacher features -> heads, hinge, AdamW
+  jvp          the sCM JVP alone (no grad) vs a no-grad forward of the student and of the bf16 teacher
   infer_1step  batch-1 student forward (bf16) + DC-AE decode to 1024x1024, median latency
 """
 
@@ -289,6 +290,40 @@ def distill(cfg, args, device, amp) -> tuple[dict, dict, dict]:
     return g, d, counts
 
 
+def jvp_cost(cfg, args, device, amp) -> dict:
+    """The sCM JVP (student output + tangent, no grad, explicit-softmax cross-attention) in forward passes:
+    timed against a no-grad forward of the same student (fp32 weights, bf16 autocast) and of the bf16 teacher."""
+    low = LOW[0]
+    teacher = TrigFlowTransformer(build(SanaTransformer2DModel, cfg["teacher"], device, low)).eval().requires_grad_(False)
+    student = TrigFlowTransformer(build(SanaTransformer2DModel, cfg["student"], device, torch.float32), logvar=True).to(device)
+    B = args.batch
+    emb, mask, _, _ = text(B, cfg, device, low)
+    w = torch.full((B,), GUIDANCE, device=device)
+    x0 = latents(B, cfg, device) * SD
+    s = trig_time(B, device)
+    x_s = bc(torch.cos(s)) * x0 + bc(torch.sin(s)) * torch.randn_like(x0) * SD
+    cs = torch.cos(s) * torch.sin(s)
+    tangent = bc(cs) * torch.randn_like(x0)
+
+    def student_forward():
+        with torch.no_grad(), amp():
+            student(x_s / SD, s, emb, mask, guidance=w)
+
+    def teacher_forward():
+        with torch.no_grad(), amp():
+            teacher(x_s / SD, s, emb, mask)
+
+    def jvp():
+        with torch.no_grad(), student.jvp_mode(), amp():
+            torch.func.jvp(lambda x, t: student(x, t, emb, mask, guidance=w), (x_s / SD, s), (tangent, cs))
+
+    out = {name: measure(fn, device, max(args.repeats, 5)) for name, fn in
+           (("student_forward", student_forward), ("teacher_forward", teacher_forward), ("jvp", jvp))}
+    out["jvp_in_student_forwards"] = out["jvp"]["time_s"] / out["student_forward"]["time_s"]
+    out["jvp_in_teacher_forwards"] = out["jvp"]["time_s"] / out["teacher_forward"]["time_s"]
+    return out
+
+
 def inference(cfg, args, device) -> dict:
     low = LOW[0]
     student = TrigFlowTransformer(build(SanaTransformer2DModel, cfg["student"], device, low)).eval().requires_grad_(False)
@@ -345,12 +380,24 @@ def table(res: dict) -> str:
         rows.append(f"| {name} | {b} | {r['time_s']:.3f} | {pk} | {ps} |")
 
     b = res["args"]["batch"]
-    row("teacher fine-tune step", res["teacher_ft"], b)
-    row("distill generator step (sCM + LADD)", res["distill_G"], b)
-    row("distill discriminator step", res["distill_D"], b)
+    for key, name in (("teacher_ft", "teacher fine-tune step"), ("distill_G", "distill generator step (sCM + LADD)"),
+                      ("distill_D", "distill discriminator step")):
+        if key in res:
+            row(name, res[key], b)
+    if "jvp" in res:
+        if res["jvp"].get("oom"):
+            row("sCM JVP", res["jvp"], b)
+        else:
+            for k in ("student_forward", "teacher_forward", "jvp"):
+                row(f"{k} (no grad)", res["jvp"][k], b)
     for k in ("transformer", "vae_decode", "end_to_end"):
-        row(f"1-step inference: {k}", res["infer_1step"][k], 1)
-    return "\n".join(rows)
+        if "infer_1step" in res:
+            row(f"1-step inference: {k}", res["infer_1step"][k], 1)
+    out = "\n".join(rows)
+    if "jvp" in res and not res["jvp"].get("oom"):
+        out += (f"\n\nJVP = {res['jvp']['jvp_in_student_forwards']:.2f} student forwards = "
+                f"{res['jvp']['jvp_in_teacher_forwards']:.2f} teacher (bf16) forwards")
+    return out
 
 
 def main(argv=None) -> dict:
@@ -364,6 +411,8 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", action="store_true", help="torch.compile the inference transformer and VAE decode")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                    help="bf16: frozen weights bf16 + bf16 autocast (default on GPU); fp32 (default on CPU)")
+    p.add_argument("--phases", default="train,jvp,infer",
+                   help="comma-separated subset of train (teacher_ft, distill_G, distill_D), jvp, infer")
     p.add_argument("--json", default="bench_1p6b.json")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
@@ -386,17 +435,28 @@ def main(argv=None) -> dict:
            "torch": torch.__version__}
     t0 = time.perf_counter()
     oom = {"oom": True}
-    try:
-        res["teacher_ft"] = teacher_ft(cfg, args, device, amp)
-    except torch.OutOfMemoryError:
-        res["teacher_ft"] = oom
-    free(device)
-    try:
-        res["distill_G"], res["distill_D"], res["params"] = distill(cfg, args, device, amp)
-    except torch.OutOfMemoryError:
-        res["distill_G"] = res["distill_D"] = oom
-    free(device)
-    res["infer_1step"] = inference(cfg, args, device)
+    phases = {x.strip() for x in args.phases.split(",") if x.strip()}
+    if not phases or phases - {"train", "jvp", "infer"}:
+        p.error(f"--phases: a comma-separated subset of train, jvp, infer; got {args.phases!r}")
+    if "train" in phases:
+        try:
+            res["teacher_ft"] = teacher_ft(cfg, args, device, amp)
+        except torch.OutOfMemoryError:
+            res["teacher_ft"] = oom
+        free(device)
+        try:
+            res["distill_G"], res["distill_D"], res["params"] = distill(cfg, args, device, amp)
+        except torch.OutOfMemoryError:
+            res["distill_G"] = res["distill_D"] = oom
+        free(device)
+    if "jvp" in phases:
+        try:
+            res["jvp"] = jvp_cost(cfg, args, device, amp)
+        except torch.OutOfMemoryError:
+            res["jvp"] = oom
+        free(device)
+    if "infer" in phases:
+        res["infer_1step"] = inference(cfg, args, device)
     res["total_s"] = time.perf_counter() - t0
     print(f"\n{res['device']}, torch {res['torch']}, batch {args.batch}, {args.precision}, grad checkpointing {args.grad_checkpointing}, "
           f"compile {args.compile}, {'TINY ' if args.tiny else ''}models\n")

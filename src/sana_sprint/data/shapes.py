@@ -14,6 +14,7 @@ the colour, so the metadata checks everything the caption claims.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,26 @@ _RELATION_WORDS = {
     "above": ("above",),
     "below": ("below", "under"),
 }
+
+
+# Every relation phrase a caption can hold -> the opposite one (relation-swapped captions: the position
+# probe and the teacher's relation contrast loss).
+RELATION_SWAP = {"to the left of": "to the right of", "to the right of": "to the left of", "left of": "right of",
+                 "right of": "left of", "above": "below", "below": "above", "under": "above"}
+_RELATION_PATTERN = re.compile(r"\b(" + "|".join(sorted(map(re.escape, RELATION_SWAP), key=len, reverse=True)) + r")\b")
+
+
+def relation_phrases(caption: str) -> list[str]:
+    """The relation phrases of ``caption``, longest match first ("to the left of", not "left of")."""
+    return _RELATION_PATTERN.findall(caption)
+
+
+def swap_relation(caption: str) -> str:
+    """The caption with its one relation phrase replaced by the opposite one (ValueError unless exactly one)."""
+    found = relation_phrases(caption)
+    if len(found) != 1:
+        raise ValueError(f"expected exactly one relation in {caption!r}, found {found}")
+    return _RELATION_PATTERN.sub(lambda m: RELATION_SWAP[m.group(1)], caption)
 
 
 def parse_shapes_spec(spec: str) -> dict[str, float] | None:

@@ -274,6 +274,12 @@ class TeacherConfig(TrainerConfig):
     high_t_prob: float = 0.0
     high_t_logit_mean: float = 2.5
     high_t_logit_std: float = 0.7
+    # relation contrast (losses/relation.py): for up to relation_rows position captions of each batch, the
+    # flow error with the true caption is pushed below the error with the relation swapped, at times drawn
+    # from the high-t logit-normal; weight 0 = off
+    relation_weight: float = 0.0
+    relation_temperature: float = 0.01
+    relation_rows: int = 8
     flow_shift: float = 3.0  # sampling time shift (exported to sprint_config.json)
     sample_steps: int = 20
     sample_guidance: float = 4.5
@@ -286,6 +292,8 @@ class TeacherConfig(TrainerConfig):
                    "sample_steps", "sample_count", "timestep_scale", "high_t_logit_std")
         if not 0.0 <= self.high_t_prob <= 1.0:
             raise ConfigError(f"high_t_prob: must be in [0, 1], got {self.high_t_prob}")
+        _positive(self, "relation_temperature", "relation_rows")
+        _non_negative(self, "relation_weight")
         _non_negative(self, "warmup", "weight_decay", "sample_guidance")
         if self.resolution % 8:
             raise ConfigError(f"resolution: must be a multiple of 8, got {self.resolution}")

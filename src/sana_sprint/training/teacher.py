@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,14 @@ import torch
 from diffusers import SanaTransformer2DModel
 
 from ..data.latents import LatentDataset, build_latent_cache, is_latent_cache
-from ..data.shapes import DEFAULT_TASK_WEIGHTS, parse_shapes_spec
+from ..data.shapes import DEFAULT_TASK_WEIGHTS, parse_shapes_spec, relation_phrases, swap_relation
 from ..losses.flow_matching import flow_matching_loss
+from ..losses.relation import relation_contrast_loss
 from ..models import presets
 from ..models.wrapper import TrigFlowTransformer
 from ..sampling import cfg_batched, flow_euler, randn
-from ..timesteps import flow_schedule
-from .config import TeacherConfig
+from ..timesteps import flow_schedule, logit_normal_flow_time
+from .config import ConfigError, TeacherConfig
 from .ema import EMA
 from .fsdp import gathered
 from .trainer import Method, Stepper, Trainer, resolve_device, seed_everything
@@ -79,6 +81,37 @@ def save_image_grid(images: torch.Tensor, path: str | Path, columns: int = GRID_
     Image.fromarray(grid).save(path)
 
 
+@dataclass
+class RelationTable:
+    """Relation-swapped captions of a latent cache: ``row[caption]`` indexes ``embeds`` [S, L, C] / ``masks``."""
+
+    row: dict[str, int]
+    embeds: torch.Tensor
+    masks: torch.Tensor
+
+    @classmethod
+    def build(cls, data, text_encoder, cfg: TeacherConfig, device: torch.device, chunk: int = 256) -> RelationTable:
+        """Every cached caption with exactly one relation phrase, its swapped caption encoded by ``text_encoder``."""
+        captions = getattr(data, "captions", None)
+        if captions is None:
+            raise ConfigError("relation_weight: needs a latent cache with a caption table (not prepare-data shards)")
+        if text_encoder is None:
+            raise ValueError("relation_weight > 0 needs the text encoder (the swapped captions are encoded once)")
+        pairs = [(c, swap_relation(c)) for c in dict.fromkeys(captions) if len(relation_phrases(c)) == 1]
+        if not pairs:
+            raise ConfigError(f"relation_weight: the data ({cfg.data}) has no caption with a relation phrase")
+        swapped = list(dict.fromkeys(s for _, s in pairs))
+        embeds, masks = [], []
+        for i in range(0, len(swapped), chunk):
+            e, m = text_encoder.encode(swapped[i : i + chunk])
+            embeds.append(e.float().cpu())
+            masks.append(m.long().cpu())
+        text_encoder.clear_cache()
+        where = {s: j for j, s in enumerate(swapped)}
+        logger.info("relation contrast: %d captions with a relation, %d swapped captions encoded", len(pairs), len(swapped))
+        return cls({c: where[s] for c, s in pairs}, torch.cat(embeds).to(device), torch.cat(masks).to(device))
+
+
 class TeacherMethod(Method):
     """Flow matching on cached latents; EMA; sample grids with flow Euler + CFG; export."""
 
@@ -112,6 +145,9 @@ class TeacherMethod(Method):
             self.sample_captions = list(rows["caption"])
             self.sample_embeds, self.sample_masks = rows["embeds"].to(device), rows["mask"].to(device)
         self.latent_shape = (c, h, w)
+        self.relation: RelationTable | None = None
+        if cfg.relation_weight > 0:
+            self.relation = RelationTable.build(data, text_encoder, cfg, device)
 
     @property
     def num_parameters(self) -> int:
@@ -148,10 +184,34 @@ class TeacherMethod(Method):
             high_t_prob=self.cfg.high_t_prob, high_t_logit_mean=self.cfg.high_t_logit_mean,
             high_t_logit_std=self.cfg.high_t_logit_std,
         )
-        if opt.step(loss.mean(), "transformer"):
+        total = loss.mean()
+        if self.relation is not None:
+            rel, rel_terms = self._relation_loss(x, batch, velocity)
+            if rel is not None:
+                total = total + self.cfg.relation_weight * rel
+                terms.update(rel_terms)
+        if opt.step(total, "transformer"):
             with gathered(self.transformer):  # --fsdp: full weights for the (unsharded) EMA; else a no-op
                 self.ema.update(self.transformer)
         return terms
+
+    def _relation_loss(self, x: torch.Tensor, batch: dict, velocity) -> tuple[torch.Tensor | None, dict]:
+        """Relation contrast (losses/relation.py) on the batch's first ``relation_rows`` captions that hold one
+        relation, at times from the high-t logit-normal; (None, {}) when the batch has none. The draws come
+        from the loss generator after the flow loss's (so a resumed run repeats them)."""
+        cfg, table = self.cfg, self.relation
+        rows = [i for i, c in enumerate(batch["caption"]) if c in table.row][: cfg.relation_rows]
+        if not rows:
+            return None, {}
+        idx = torch.tensor(rows, device=x.device)
+        swap = torch.tensor([table.row[batch["caption"][i]] for i in rows], device=x.device)
+        t = logit_normal_flow_time(len(rows), cfg.high_t_logit_mean, cfg.high_t_logit_std, generator=self.gen)
+        eps = torch.randn((len(rows), *x.shape[1:]), generator=self.gen, dtype=torch.float32)
+        loss, terms = relation_contrast_loss(
+            velocity, x[idx], batch["embeds"][idx], batch["mask"][idx], table.embeds[swap], table.masks[swap],
+            t.to(x.device), eps.to(x.device), cfg.relation_temperature,
+        )
+        return loss.mean(), {**terms, "rel_rows": torch.tensor(float(len(rows)))}
 
     @torch.no_grad()
     def sample(self, embeds: torch.Tensor, mask: torch.Tensor, seeds: list[int], steps: int | None = None,
@@ -306,7 +366,12 @@ def run(args: argparse.Namespace) -> int:
     with setup_processes(cfg.device).main_process_first():  # rank 0 builds a missing latent cache first
         data = prepare_data(cfg, vae, device)
     seed_everything(cfg.seed)
-    method = TeacherMethod(cfg, data, device, vae=vae)
+    text_encoder = None
+    if cfg.relation_weight > 0:  # the relation contrast encodes the swapped captions once, at start
+        from ..text import load_text_encoder
+
+        text_encoder = load_text_encoder(cfg.text_encoder, max_length=cfg.max_length, device=device)
+    method = TeacherMethod(cfg, data, device, vae=vae, text_encoder=text_encoder)
     if cfg.init:
         init_from_folder(method, cfg.init)
     logger.info("teacher: %.2f M parameters, %d cached samples", method.num_parameters / 1e6, len(data))
