@@ -438,23 +438,21 @@ def main(argv=None) -> dict:
     phases = {x.strip() for x in args.phases.split(",") if x.strip()}
     if not phases or phases - {"train", "jvp", "infer"}:
         p.error(f"--phases: a comma-separated subset of train, jvp, infer; got {args.phases!r}")
+
+    def guarded(fn, *keys):
+        """Run a phase; one that runs out of memory is recorded as such under its keys and the run goes on."""
+        try:
+            out = fn()
+            res.update(zip(keys, out if len(keys) > 1 else (out,)))
+        except torch.OutOfMemoryError:
+            res.update({k: oom for k in keys if k != "params"})
+        free(device)
+
     if "train" in phases:
-        try:
-            res["teacher_ft"] = teacher_ft(cfg, args, device, amp)
-        except torch.OutOfMemoryError:
-            res["teacher_ft"] = oom
-        free(device)
-        try:
-            res["distill_G"], res["distill_D"], res["params"] = distill(cfg, args, device, amp)
-        except torch.OutOfMemoryError:
-            res["distill_G"] = res["distill_D"] = oom
-        free(device)
+        guarded(lambda: teacher_ft(cfg, args, device, amp), "teacher_ft")
+        guarded(lambda: distill(cfg, args, device, amp), "distill_G", "distill_D", "params")
     if "jvp" in phases:
-        try:
-            res["jvp"] = jvp_cost(cfg, args, device, amp)
-        except torch.OutOfMemoryError:
-            res["jvp"] = oom
-        free(device)
+        guarded(lambda: jvp_cost(cfg, args, device, amp), "jvp")
     if "infer" in phases:
         res["infer_1step"] = inference(cfg, args, device)
     res["total_s"] = time.perf_counter() - t0
