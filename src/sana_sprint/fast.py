@@ -278,7 +278,7 @@ class PaddingFreeTextEncoder(TextEncoder):
             embeds = self.lean(ids.to(device), mask).float()
         else:
             model = self.compiled if self.compiled is not None else self.model
-            # .float() copies (bf16 / fp16 models): a CUDA graph's output buffer is reused by its next replay
+            # the product with the mask below copies the output out of a CUDA graph's buffer (reused by its next replay)
             embeds = model(ids.to(device), attention_mask=mask)[0].float()
         b, n, c = embeds.shape
         full = embeds.new_zeros((b, self.max_length, c))
