@@ -390,8 +390,8 @@ def table(res: dict) -> str:
         else:
             for k in ("student_forward", "teacher_forward", "jvp"):
                 row(f"{k} (no grad)", res["jvp"][k], b)
-    for k in ("transformer", "vae_decode", "end_to_end"):
-        if "infer_1step" in res:
+    if "infer_1step" in res:
+        for k in ("transformer", "vae_decode", "end_to_end"):
             row(f"1-step inference: {k}", res["infer_1step"][k], 1)
     out = "\n".join(rows)
     if "jvp" in res and not res["jvp"].get("oom"):

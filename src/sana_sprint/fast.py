@@ -649,21 +649,28 @@ def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     return w.reshape(4 * weight.shape[0], weight.shape[1], 2, 2)
 
 
-def _upsample_conv(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``conv(interpolate(x, scale_factor=2, mode="nearest"))`` with 2.25x fewer multiply-adds; channels-last output."""
+def _subpixel_weights(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(kernels, bias) of ``block.conv`` as sub-pixel convolutions, cached on the block and rebuilt when a
+    parameter changes in place. A compiled graph cannot compare tensor versions (a graph break per block):
+    under ``torch.compile`` the weights prepared before compiling are used as they are (prepare_subpixel)."""
     conv = block.conv
     cached = block.__dict__.get("_sprint_subpixel")
-    # A compiled graph cannot compare tensor versions (a graph break per block): it uses the weights
-    # prepared before compiling (prepare_subpixel, called by optimize_pipeline).
-    compiling = torch.compiler.is_compiling() and cached is not None
-    key = None if compiling else _params_key([conv.weight] + ([conv.bias] if conv.bias is not None else []))
-    if not compiling and (cached is None or cached[0] != key):
+    if cached is not None and torch.compiler.is_compiling():
+        return cached[1], cached[2]
+    key = _params_key([conv.weight] + ([conv.bias] if conv.bias is not None else []))
+    if cached is None or cached[0] != key:
         with torch.inference_mode(False), torch.no_grad():
             weight = conv.weight.detach()
             w = subpixel_weight(weight.double()).to(weight.dtype).contiguous(memory_format=torch.channels_last)
             bias = None if conv.bias is None else conv.bias.detach().repeat(4)
         cached = block.__dict__["_sprint_subpixel"] = (key, w, bias)
-    _, w, bias = cached
+    return cached[1], cached[2]
+
+
+def _upsample_conv(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(interpolate(x, scale_factor=2, mode="nearest"))`` with 2.25x fewer multiply-adds; channels-last output."""
+    conv = block.conv
+    w, bias = _subpixel_weights(block)
     b, _, h, wd = x.shape
     c = conv.out_channels
     y = F.conv2d(x, w, bias, padding=1).permute(0, 2, 3, 1)  # [B, H+1, W+1, 4 C_out]
@@ -738,10 +745,7 @@ def prepare_subpixel(decoder: nn.Module) -> int:
     n = 0
     for m in decoder.modules():
         if _is_subpixel_block(m) and "forward" in m.__dict__:
-            conv = m.conv
-            x = torch.zeros(1, conv.in_channels, 1, 1, device=conv.weight.device, dtype=conv.weight.dtype)
-            with torch.no_grad():
-                _upsample_conv(m, x)
+            _subpixel_weights(m)
             n += 1
     return n
 
