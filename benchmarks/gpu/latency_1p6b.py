@@ -12,8 +12,9 @@ interleaved runs after ``--warmup``):
 
 - ``ours-eager``: ``optimize_pipeline(bf16="all", compile=False)`` (padding-free text encoding, lean
   blocks, time-embedding cache, sub-pixel / lean DC-AE decoder blocks, channels-last VAE);
-- ``ours-compiled``: ``optimize_pipeline(bf16="all", compile=True)``: transformer and VAE decoder under
-  ``torch.compile`` with CUDA graphs (mode ``reduce-overhead``);
+- ``ours-compiled``: ``optimize_pipeline(bf16="all", compile=True)``: transformer, VAE decoder and the
+  text encoder's model (token counts bucketed to multiples of 64) under ``torch.compile`` with CUDA graphs
+  (mode ``reduce-overhead``);
 - ``diffusers``: ``SanaSprintPipeline`` on copies of the same weights in bf16, eager (its default), with
   ``max_sequence_length=300`` (what SANA-Sprint uses: Gemma runs on 300 padded tokens) and no
   complex-human-instruction prefix; with ``--compile-diffusers`` the compiled stage also times it with
