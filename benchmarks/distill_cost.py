@@ -6,7 +6,9 @@
 
 ``jvp`` times the sCM tangent's forward-mode JVP of the student alone (``scm.student_jvp``: the
 stop-grad student output and its directional derivative in one ``torch.func.jvp``), so its cost in
-teacher forwards is the "JVP <= 3 forwards" figure. ``--teacher`` loads a real teacher folder's
+teacher forwards is the "JVP <= 3 forwards" figure (with models/jvp.py's constant-weight rules, the
+default); ``jvp_plain`` is the same JVP through the plain forward-AD formulas and ``jvp_compile`` those
+under ``torch.compile`` (compiled during the warm-up calls). ``--teacher`` loads a real teacher folder's
 transformer (and its ``max_sequence_length``) instead of a randomly initialised preset.
 
 Time: median wall time of ``--repeats`` calls after ``--warmup`` calls, each phase exactly as
@@ -41,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-PHASES = ("teacher_forward", "teacher_train_step", "jvp", "g_step_scm", "g_step_ladd", "g_step_both", "d_step")
+PHASES = ("teacher_forward", "teacher_forward_compile", "teacher_train_step", "jvp", "jvp_plain", "jvp_compile", "g_step_scm", "g_step_ladd", "g_step_both", "d_step")
 
 
 def _rss_mb() -> float:
@@ -97,13 +99,14 @@ def _phase(phase: str, args: dict, queue) -> None:
 
     if phase.startswith("teacher"):
         net = TrigFlowTransformer(teacher)
-        if phase == "teacher_forward":
+        if phase in ("teacher_forward", "teacher_forward_compile"):
             net.eval().requires_grad_(False)
             s = torch.full((b,), 1.0, device=device)
+            call = torch.compile(net, dynamic=False) if phase == "teacher_forward_compile" else net
 
             def fn():
                 with torch.no_grad(), autocast():
-                    net(latents * 0.5 / 0.5, s, embeds, mask)
+                    call(latents * 0.5 / 0.5, s, embeds, mask)
         else:
             opt = torch.optim.AdamW(teacher.parameters(), lr=1e-4)
             stepper = Stepper({"t": opt}, {}, 1.0, device.type)
@@ -113,7 +116,7 @@ def _phase(phase: str, args: dict, queue) -> None:
                     loss, _ = flow_matching_loss(lambda x, t, e, m: net.flow_velocity(x, t, e, m), latents, embeds,
                                                  mask, *null, generator=g)
                     stepper.step(loss.mean(), "t")
-    elif phase == "jvp":
+    elif phase in ("jvp", "jvp_plain", "jvp_compile"):
         cfg = DistillConfig(out="unused", loss="scm", bf16=args["bf16"], batch=b, tangent_warmup=0)
         method = DistillMethod(cfg, teacher, scaling_factor=1.0, latent_shape=(c, hw, hw), null=null, device=device)
         method.student.train()  # as in the G step
@@ -124,7 +127,8 @@ def _phase(phase: str, args: dict, queue) -> None:
 
         def fn():
             with autocast():
-                scm_lib.student_jvp(method.student, x_s, s, dxds, embeds, mask, w)
+                scm_lib.student_jvp(method.student, x_s, s, dxds, embeds, mask, w,
+                                     mode={"jvp": "fast", "jvp_plain": "plain", "jvp_compile": "compile"}[phase])
     else:
         loss = {"g_step_scm": "scm", "g_step_ladd": "ladd"}.get(phase, "both")
         cfg = DistillConfig(out="unused", loss=loss, bf16=args["bf16"], batch=b, tangent_warmup=0)
@@ -171,7 +175,7 @@ def measure(args: dict) -> dict:
     results = {}
     phases = args.get("phases") or PHASES
     if "teacher_forward" not in phases or "teacher_train_step" not in phases:
-        phases = ["teacher_forward", "teacher_train_step", *[p for p in phases if not p.startswith("teacher")]]
+        phases = ["teacher_forward", "teacher_train_step", *[p for p in phases if p not in ("teacher_forward", "teacher_train_step")]]
     for phase in phases:
         q = ctx.Queue()
         p = ctx.Process(target=_phase, args=(phase, args, q))

@@ -148,12 +148,17 @@ def test_jvp_through_controlled_model():
     def F(a, b):
         return model(a, b, ehs, mask, 4.5, control=control)
 
-    with torch.no_grad(), model.jvp_mode():
+    with torch.no_grad(), model.jvp_mode():  # the constant-weight rules of models/jvp.py (default)
         _, tangent = torch.func.jvp(F, (x, s), (dx, ds))
+    with torch.no_grad(), model.jvp_mode(fast=False):
+        _, plain = torch.func.jvp(F, (x, s), (dx, ds))
     # Reference: reverse-mode double-backward JVP (works with SDPA), a second implementation.
-    with model.jvp_mode():
+    with model.jvp_mode(fast=False):
         _, ref = torch.autograd.functional.jvp(F, (x, s), (dx, ds))
     assert torch.allclose(tangent, ref, atol=1e-6, rtol=1e-6)
+    assert torch.allclose(plain, ref, atol=1e-6, rtol=1e-6)
+    # both branches' layers were swapped, and are restored
+    assert any("forward" in m.__dict__ for m in net.modules()) is False
     # The branch takes part in the derivative.
     with torch.no_grad(), base.jvp_mode():
         _, plain = torch.func.jvp(lambda a, b: base(a, b, ehs, mask, 4.5), (x, s), (dx, ds))

@@ -12,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from sana_sprint import trigflow as tf
 from sana_sprint.models import TrigFlowTransformer, make_student
 from sana_sprint.models.attention import ExplicitSoftmaxAttnProcessor, cross_attention_modules
+from sana_sprint.models.jvp import JVPCrossAttnProcessor
 
 
 def _inputs(b=2, dtype=torch.float64, seed=1):
@@ -80,20 +81,25 @@ def test_jvp_matches_finite_difference_and_reverse_mode(wrapped64):
     assert (dF - dF_x_only).abs().max() > 1e-3 * dF.abs().max()
 
 
-def test_jvp_mode_swaps_only_cross_attention_and_restores(wrapped64):
+@pytest.mark.parametrize("fast", [True, False])
+def test_jvp_mode_swaps_only_cross_attention_and_restores(wrapped64, fast):
     x, s, y, mask = _inputs()
     blocks = wrapped64.transformer.transformer_blocks
     before1 = [b.attn1.processor for b in blocks]
     before2 = [b.attn2.processor for b in blocks]
     assert all(isinstance(p, SanaAttnProcessor2_0) for p in before2)
     F_normal = wrapped64(x, s, y, mask, guidance=3.0)
-    with wrapped64.jvp_mode():
+    linears = [m for m in wrapped64.modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)]
+    with wrapped64.jvp_mode(fast=fast):
         assert [b.attn1.processor for b in blocks] == before1
         assert all(isinstance(p, SanaLinearAttnProcessor2_0) for p in before1)
-        assert all(isinstance(b.attn2.processor, ExplicitSoftmaxAttnProcessor) for b in blocks)
+        cross = JVPCrossAttnProcessor if fast else ExplicitSoftmaxAttnProcessor
+        assert all(isinstance(b.attn2.processor, cross) for b in blocks)
         assert len(cross_attention_modules(wrapped64.transformer)) == len(blocks)
+        assert all(("forward" in m.__dict__) == fast for m in linears)
         F_jvp = wrapped64(x, s, y, mask, guidance=3.0)
     assert [b.attn2.processor for b in blocks] == before2
+    assert not any("forward" in m.__dict__ for m in linears)
     torch.testing.assert_close(F_jvp, F_normal, rtol=0, atol=1e-12)
 
 

@@ -50,8 +50,10 @@ LOW = [torch.bfloat16]  # dtype of frozen weights and inputs; set by --precision
 # --- configs ------------------------------------------------------------------------------------
 
 
-def configs(tiny: bool, resolution: int) -> dict:
-    """Transformer (teacher + student), VAE, caption width and head blocks for the full or the tiny run."""
+def configs(tiny: bool, resolution: int, layers: int | None = None) -> dict:
+    """Transformer (teacher + student), VAE, caption width and head blocks for the full or the tiny run;
+    ``layers`` keeps the 1.6B block shape with fewer blocks (e.g. a CPU run of the JVP at real width)."""
+    from sana_sprint.models.discriminator import feature_blocks
     from sana_sprint.realscale import dc_ae_f32c32_config
 
     if tiny:
@@ -59,8 +61,12 @@ def configs(tiny: bool, resolution: int) -> dict:
         return {"teacher": t, "student": presets.student_from_teacher_config(t), "vae": presets.tiny_vae(4),
                 "caption": 24, "tokens": 16, "resolution": 32, "head_blocks": [0, 1]}
     t = presets.sana_1600m(resolution, guidance_embeds=False)
+    heads = [2, 8, 14, 19]
+    if layers is not None:
+        t = {**t, "num_layers": layers}
+        heads = feature_blocks(layers, min(4, layers))
     return {"teacher": t, "student": presets.student_from_teacher_config(t), "vae": dc_ae_f32c32_config(),
-            "caption": 2304, "tokens": TEXT_TOKENS, "resolution": resolution, "head_blocks": [2, 8, 14, 19]}
+            "caption": 2304, "tokens": TEXT_TOKENS, "resolution": resolution, "head_blocks": heads}
 
 
 # --- discriminator heads (StyleGAN-T style, one logit per token; DESIGN.md section 5) -------------
@@ -313,14 +319,20 @@ def jvp_cost(cfg, args, device, amp) -> dict:
         with torch.no_grad(), amp():
             teacher(x_s / SD, s, emb, mask)
 
-    def jvp():
-        with torch.no_grad(), student.jvp_mode(), amp():
-            torch.func.jvp(lambda x, t: student(x, t, emb, mask, guidance=w), (x_s / SD, s), (tangent, cs))
+    def jvp(fast: bool = True):
+        with torch.no_grad(), student.jvp_mode(fast=fast), amp():
+            return torch.func.jvp(lambda x, t: student(x, t, emb, mask, guidance=w), (x_s / SD, s), (tangent, cs))
 
+    # the two JVP paths agree (models/jvp.py: the same JVP with less work)
+    ref, got = jvp(fast=False), jvp()
+    diff = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)) for a, b in zip(got, ref))
     out = {name: measure(fn, device, max(args.repeats, 5)) for name, fn in
-           (("student_forward", student_forward), ("teacher_forward", teacher_forward), ("jvp", jvp))}
-    out["jvp_in_student_forwards"] = out["jvp"]["time_s"] / out["student_forward"]["time_s"]
-    out["jvp_in_teacher_forwards"] = out["jvp"]["time_s"] / out["teacher_forward"]["time_s"]
+           (("student_forward", student_forward), ("teacher_forward", teacher_forward), ("jvp", jvp),
+            ("jvp_plain", lambda: jvp(fast=False)))}
+    out["fast_vs_plain_max_rel_diff"] = diff
+    for k in ("jvp", "jvp_plain"):
+        out[f"{k}_in_student_forwards"] = out[k]["time_s"] / out["student_forward"]["time_s"]
+        out[f"{k}_in_teacher_forwards"] = out[k]["time_s"] / out["teacher_forward"]["time_s"]
     return out
 
 
@@ -388,15 +400,21 @@ def table(res: dict) -> str:
         if res["jvp"].get("oom"):
             row("sCM JVP", res["jvp"], b)
         else:
-            for k in ("student_forward", "teacher_forward", "jvp"):
-                row(f"{k} (no grad)", res["jvp"][k], b)
+            for k in ("student_forward", "teacher_forward", "jvp", "jvp_plain"):
+                if k in res["jvp"]:
+                    row(f"{k} (no grad)", res["jvp"][k], b)
     if "infer_1step" in res:
         for k in ("transformer", "vae_decode", "end_to_end"):
             row(f"1-step inference: {k}", res["infer_1step"][k], 1)
     out = "\n".join(rows)
     if "jvp" in res and not res["jvp"].get("oom"):
-        out += (f"\n\nJVP = {res['jvp']['jvp_in_student_forwards']:.2f} student forwards = "
-                f"{res['jvp']['jvp_in_teacher_forwards']:.2f} teacher (bf16) forwards")
+        j = res["jvp"]
+        out += (f"\n\nJVP = {j['jvp_in_student_forwards']:.2f} student forwards = "
+                f"{j['jvp_in_teacher_forwards']:.2f} teacher forwards (models/jvp.py constant-weight rules)")
+        if "jvp_plain_in_student_forwards" in j:
+            out += (f"\nplain torch.func.jvp (explicit cross-attention only): {j['jvp_plain_in_student_forwards']:.2f} student "
+                    f"forwards = {j['jvp_plain_in_teacher_forwards']:.2f} teacher forwards; max relative difference "
+                    f"{j['fast_vs_plain_max_rel_diff']:.1e}")
     return out
 
 
@@ -406,6 +424,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default=None)
     p.add_argument("--batch", type=int, default=None, help="per-GPU batch (default 1: batch 4 needs ~103 GiB without --grad-checkpointing; tiny 2)")
     p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=None, help="the 1.6B block shape with this many blocks (default 20)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the inference transformer and VAE decode")
@@ -424,7 +443,9 @@ def main(argv=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
-    cfg = configs(args.tiny, args.resolution)
+    if args.layers is not None and (args.layers < 1 or args.tiny):
+        p.error("--layers: an integer >= 1, not with --tiny")
+    cfg = configs(args.tiny, args.resolution, args.layers)
 
     def amp():
         if args.precision == "fp32":

@@ -31,6 +31,7 @@ from ..trigflow import SIGMA_DATA, _bcast, _f32, trigflow_noise
 
 DEFAULT_GUIDANCE_SCALES = (4.0, 4.5, 5.0)  # w drawn per sample (official SANA-Sprint)
 TANGENT_NORM_EPS = 0.1  # c in g / (||g|| + c) (sCM paper)
+JVP_MODES = ("fast", "plain", "compile")  # student_jvp's ways of computing the same JVP
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class SCMConfig:
     tangent_warmup: int = 2000
     tangent_eps: float = TANGENT_NORM_EPS
     sigma_data: float = SIGMA_DATA
+    jvp: str = "fast"  # student_jvp mode: fast / plain / compile
 
     def __post_init__(self):
         if self.p_std <= 0:
@@ -57,6 +59,8 @@ class SCMConfig:
             raise ValueError(f"tangent_warmup must be >= 0, got {self.tangent_warmup}")
         if self.tangent_eps <= 0:
             raise ValueError(f"tangent_eps must be > 0, got {self.tangent_eps}")
+        if self.jvp not in JVP_MODES:
+            raise ValueError(f"jvp must be one of {JVP_MODES}, got {self.jvp!r}")
 
 
 @dataclass
@@ -144,6 +148,14 @@ def _pad_tokens(e: torch.Tensor, m: torch.Tensor, length: int) -> tuple[torch.Te
     return nn.functional.pad(e, (0, 0, 0, pad)), nn.functional.pad(m, (0, pad))
 
 
+def padded_cat(embeds: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate caption embeddings [B_i, L_i, D] and masks [B_i, L_i] along the batch, shorter ones
+    zero-padded with mask 0 to the longest L."""
+    length = max(e.shape[1] for e in embeds)
+    pairs = [_pad_tokens(e, m, length) for e, m in zip(embeds, masks, strict=True)]
+    return torch.cat([e for e, _ in pairs]), torch.cat([m for _, m in pairs])
+
+
 def paired_conditions(
     ehs: torch.Tensor, mask: torch.Tensor | None, null_ehs: torch.Tensor, null_mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,10 +173,7 @@ def paired_conditions(
         if null_mask is None
         else _expand_to(null_mask.to(ehs.device, mask.dtype), b)
     )
-    length = max(ehs.shape[1], null_ehs.shape[1])
-    ehs, mask = _pad_tokens(ehs, mask, length)
-    null_ehs, null_mask = _pad_tokens(null_ehs, null_mask, length)
-    return torch.cat([ehs, null_ehs]), torch.cat([mask, null_mask])
+    return padded_cat([ehs, null_ehs], [mask, null_mask])
 
 
 @torch.no_grad()
@@ -200,8 +209,27 @@ def _checkpointing_off(module: nn.Module) -> Iterator[None]:
             m.gradient_checkpointing = v
 
 
-def _jvp_context(student: nn.Module):
-    return student.jvp_mode() if hasattr(student, "jvp_mode") else contextlib.nullcontext()
+def _jvp_context(student: nn.Module, fast: bool = True):
+    return student.jvp_mode(fast=fast) if hasattr(student, "jvp_mode") else contextlib.nullcontext()
+
+
+def _jvp_call(student: nn.Module, x, s, tx, ts, ehs, mask, guidance):
+    def F_fn(x_scaled, s_):
+        return student(x_scaled, s_, ehs, mask, guidance=guidance)
+
+    return torch.func.jvp(F_fn, (x, s), (tx, ts))
+
+
+_compiled_jvp_call = None
+
+
+def _compiled_jvp():
+    """``_jvp_call`` under ``torch.compile`` (built once per process; inductor fuses the tangent's
+    element-wise work, which at small widths costs more than the matrix products)."""
+    global _compiled_jvp_call
+    if _compiled_jvp_call is None:
+        _compiled_jvp_call = torch.compile(_jvp_call, dynamic=False)
+    return _compiled_jvp_call
 
 
 @torch.no_grad()
@@ -214,20 +242,26 @@ def student_jvp(
     mask: torch.Tensor | None,
     guidance: torch.Tensor | None,
     sigma_data: float = SIGMA_DATA,
+    mode: str = "fast",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(F_m, dF): the stop-grad student and its JVP along (cos s sin s dxds / sd, cos s sin s).
 
     Runs under no_grad (the weights act as constants = theta minus), with gradient checkpointing off
-    and the cross-attention swapped to the forward-mode-safe processor (``jvp_mode``).
+    and the cross-attention swapped to a forward-mode-safe processor (``jvp_mode``). ``mode``:
+
+    - ``fast`` (default): models/jvp.py's constant-weight rules for Linear / Conv2d and a query-only
+      cross-attention JVP: the same JVP without the zero weight-tangent products;
+    - ``plain``: PyTorch's own forward-AD formulas (only the cross-attention made explicit);
+    - ``compile``: ``plain`` under ``torch.compile`` (compiles on the first call; pays off where the
+      element-wise work dominates, e.g. the small shapes models on a CPU).
     """
+    if mode not in JVP_MODES:
+        raise ValueError(f"jvp mode must be one of {JVP_MODES}, got {mode!r}")
     cs = torch.cos(_f32(s)) * torch.sin(_f32(s))
-    tangents = (_bcast(cs, x_s) * dxds / sigma_data, cs)
-
-    def F_fn(x_scaled, s_):
-        return student(x_scaled, s_, ehs, mask, guidance=guidance)
-
-    with _checkpointing_off(student), _jvp_context(student):
-        F_m, dF = torch.func.jvp(F_fn, (x_s / sigma_data, _f32(s)), tangents)
+    tx, ts = _bcast(cs, x_s) * dxds / sigma_data, cs
+    call = _compiled_jvp() if mode == "compile" else _jvp_call
+    with _checkpointing_off(student), _jvp_context(student, fast=mode == "fast"):
+        F_m, dF = call(student, x_s / sigma_data, _f32(s), tx, ts, ehs, mask, guidance)
     return _f32(F_m), _f32(dF)
 
 
@@ -269,7 +303,7 @@ def scm_targets(
     guidance = w if student_guidance else None
 
     dxds = teacher_cfg_velocity(teacher, x_s, s, ehs, mask, null_ehs, null_mask, w, sd)
-    F_m, dF = student_jvp(student, x_s, s, dxds, ehs, mask, guidance, sd)
+    F_m, dF = student_jvp(student, x_s, s, dxds, ehs, mask, guidance, sd, mode=config.jvp)
     r = tangent_warmup(step, config.tangent_warmup)
     g_raw = scm_tangent(F_m, dF, dxds, x_s, s, r, sd)
     g, norm = normalize_tangent(g_raw, config.tangent_eps)

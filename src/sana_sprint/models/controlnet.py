@@ -34,6 +34,7 @@ from torch import nn
 
 from ..errors import ModelFolderError, UserError
 from .attention import explicit_cross_attention
+from .jvp import fast_jvp_layers
 from .presets import init_kwargs
 from .wrapper import TrigFlowTransformer, _time
 
@@ -311,9 +312,14 @@ class ControlledTrigFlow(TrigFlowTransformer):
             self._bound = saved
 
     @contextlib.contextmanager
-    def jvp_mode(self) -> Iterator[ControlledTrigFlow]:
-        with explicit_cross_attention(self.transformer), explicit_cross_attention(self.controlnet):
-            yield self
+    def jvp_mode(self, fast: bool = True) -> Iterator[ControlledTrigFlow]:
+        """As :meth:`TrigFlowTransformer.jvp_mode`, for the base and the ControlNet branch."""
+        if fast:
+            with fast_jvp_layers(self.transformer, self.controlnet):
+                yield self
+        else:
+            with explicit_cross_attention(self.transformer), explicit_cross_attention(self.controlnet):
+                yield self
 
     def flow_velocity(
         self,

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import trigflow as tf
 from .attention import explicit_cross_attention
+from .jvp import fast_jvp_layers
 
 
 def _time(x: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -41,10 +42,19 @@ class TrigFlowTransformer(nn.Module):
         return self.transformer.config
 
     @contextlib.contextmanager
-    def jvp_mode(self) -> Iterator[TrigFlowTransformer]:
-        """Make ``torch.func.jvp`` work: softmax cross-attention becomes explicit, linear self-attention is untouched."""
-        with explicit_cross_attention(self.transformer):
-            yield self
+    def jvp_mode(self, fast: bool = True) -> Iterator[TrigFlowTransformer]:
+        """Make ``torch.func.jvp`` work, and cheap, for a JVP along (x_s, s) with the weights held fixed.
+
+        ``fast`` (default): ``models/jvp.py``'s constant-weight rules for every Linear / Conv2d and a
+        fused-primal cross-attention with a query-only JVP. ``fast=False``: only the softmax cross-attention
+        becomes explicit (the plain forward-AD formulas elsewhere). Linear self-attention is untouched in both.
+        """
+        if fast:
+            with fast_jvp_layers(self.transformer):
+                yield self
+        else:
+            with explicit_cross_attention(self.transformer):
+                yield self
 
     @property
     def has_guidance(self) -> bool:

@@ -96,6 +96,9 @@ class DistillConfig(TrainerConfig):
     d_p_mean: float = LADD_P_MEAN
     d_p_std: float = LADD_P_STD
     tangent_warmup: int = 1000  # generator updates (official 4000 counts G+D updates = 2000 here)
+    # how the sCM JVP is computed (the same JVP): fast = constant-weight rules (models/jvp.py), plain =
+    # PyTorch's forward-AD formulas, compile = plain under torch.compile (see losses/scm.py student_jvp)
+    jvp: Literal["fast", "plain", "compile"] = "fast"
     misaligned_pairs: bool = True
     disc_heads: int = 4
     # samples per group of the discriminator's virtual batch norm and of the misaligned-pair roll;
@@ -130,6 +133,13 @@ class DistillConfig(TrainerConfig):
     # the ControlNet teacher's conditioning scale: the student's ControlNet (at its scale 1) learns to give
     # what the teacher gives at this scale (e.g. the teacher's best-fidelity scale from tuning scenes)
     teacher_conditioning_scale: float = 1.0
+    # 1-step regression onto the teacher's own samples (not in the paper; off by default): with a pairs folder
+    # from scripts/teacher_pairs.py, each generator step adds regress_weight * mean((x0_hat / sd - x0_T)^2) for
+    # regress_batch pairs, x0_hat the student's 1-step output (s = pi/2) from the pair's noise, x0_T the
+    # teacher's 20-step CFG sample from the same noise (unit-std latents), guidance = the pair's w
+    pairs: str | None = None
+    regress_weight: float = 0.0
+    regress_batch: int = 0  # 0: the generator batch
 
     def validate(self) -> None:
         super().validate()
@@ -163,6 +173,11 @@ class DistillConfig(TrainerConfig):
             raise ConfigError(f"ema_decay: must be in [0, 1) (0 = no EMA), got {self.ema_decay}")
         if self.ema_decay and self.controlnet:
             raise ConfigError("ema_decay: not supported with controlnet (--controlnet) yet; leave it at 0")
+        _non_negative(self, "regress_weight", "regress_batch")
+        if bool(self.pairs) != (self.regress_weight > 0):
+            raise ConfigError("pairs / regress_weight: the regression term needs both a pairs folder and a weight > 0")
+        if self.pairs and self.controlnet:
+            raise ConfigError("pairs: the regression term is not supported with controlnet (--controlnet)")
         _non_negative(self, "ladd_weight", "tangent_warmup", "weight_decay", "fixed_guidance", "sample_guidance")
         if self.loss == "ladd" and self.ladd_weight == 0:
             raise ConfigError("ladd_weight: loss 'ladd' with ladd_weight 0 trains nothing")
@@ -187,7 +202,7 @@ class DistillConfig(TrainerConfig):
     def scm_config(self) -> scm_lib.SCMConfig:
         scales = tuple(self.guidance_scales) if self.cfg_embed else (self.fixed_guidance,)
         return scm_lib.SCMConfig(p_mean=self.p_mean, p_std=self.p_std, guidance_scales=scales,
-                                 tangent_warmup=self.tangent_warmup)
+                                 tangent_warmup=self.tangent_warmup, jvp=self.jvp)
 
     def ladd_config(self) -> ladd_lib.LADDConfig:
         return ladd_lib.LADDConfig(max_time_prob=self.max_time_prob, p_mean=self.p_mean, p_std=self.p_std,
@@ -288,6 +303,17 @@ class DistillMethod(Method):
         # Every training draw (s, z, w, s_D, max-time). The same state on every rank: draws are made for
         # the global batch and each rank keeps its rows (RankDraws), so N processes == 1 process.
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.pairs = None
+        if cfg.pairs:
+            from ..data.pairs import TeacherPairs
+
+            self.pairs = TeacherPairs(cfg.pairs)
+            if self.pairs.latent_shape != self.latent_shape:
+                raise UserError(f"pairs: {cfg.pairs} holds latents of shape {self.pairs.latent_shape}, the data "
+                                f"{self.latent_shape}")
+            if abs(self.pairs.scaling_factor - self.scaling_factor) > 1e-6 * abs(self.scaling_factor):
+                raise UserError(f"pairs: {cfg.pairs} was made with VAE scaling factor {self.pairs.scaling_factor}, "
+                                f"the data uses {self.scaling_factor}")
         self._dist = None  # the process group's view, bound at the first training step
 
     @property
@@ -402,9 +428,19 @@ class DistillMethod(Method):
         k = len(xs)
         if k == 0:
             raise ConfigError("nothing to train: loss 'ladd' needs ladd_weight > 0")
+        es, ms, ws = [ehs] * k, [mask] * k, [w] * k
+        if self.pairs is not None:
+            rb = cfg.regress_batch or b
+            idx = ladd_lib.per_sample(lambda m, g: torch.randint(len(self.pairs), (m,), generator=g), rb, draws)
+            pr = {key: v.to(self.device) for key, v in self.pairs.batch(idx).items()}
+            xs.append(sd * pr["noise"])
+            ss.append(torch.full((len(idx),), math.pi / 2, device=self.device))
+            es.append(pr["embeds"])
+            ms.append(pr["mask"])
+            ws.append(pr["w"])
         x_in, s_in = torch.cat(xs), torch.cat(ss)
-        F, logvar = self.student(x_in / sd, s_in, ehs.repeat(k, 1, 1), mask.repeat(k, 1), guidance=w.repeat(k),
-                                 return_logvar=True)
+        e_in, m_in = scm_lib.padded_cat(es, ms)
+        F, logvar = self.student(x_in / sd, s_in, e_in, m_in, guidance=torch.cat(ws), return_logvar=True)
         total = torch.zeros((), device=self.device)
         if cfg.uses_scm:
             out = scm_lib.scm_loss_from(F[:n_scm], logvar[:n_scm], tg, sd)
@@ -413,8 +449,16 @@ class DistillMethod(Method):
                 terms["scm"] = out.loss.mean()
             logs.update(out.logs)
             logs["loss_scm"] = out.loss.mean().item()
+        if self.pairs is not None:
+            n_r = len(pr["x0"])
+            x0_r = consistency_fn(xs[-1], F[-n_r:], ss[-1], sd)
+            reg = (x0_r / sd - pr["x0"]).square().flatten(1).mean(1).mean()
+            total = total + cfg.regress_weight * reg
+            if terms is not None:
+                terms["regress"] = reg
+            logs["loss_regress"] = reg.item()
         if use_adv:
-            x0_hat = consistency_fn(x_G, F[n_scm:], s_G, sd)
+            x0_hat = consistency_fn(x_G, F[n_scm:n_scm + b], s_G, sd)
             adv, adv_logs = ladd_lib.adversarial_g_loss(self.student, self.disc, x0, ehs, mask, w, self.ladd_cfg,
                                                         draws, x0_hat=x0_hat)
             total = total + cfg.ladd_weight * adv

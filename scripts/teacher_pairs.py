@@ -1,0 +1,114 @@
+"""Noise -> image pairs from the teacher's own sampler, for the student's 1-step regression term (issue 5).
+
+For rows of a latent cache (the distillation's training captions), draw unit noise z and a guidance
+scale w from {4, 4.5, 5} and run the teacher pipeline (flow Euler, ``--steps`` steps, real CFG w, the
+folder's time shift) from exactly that noise. Each shard ``pairs-NNNNN.pt`` holds
+
+    noise [n, C, H, W] (unit std, the pipeline's x_T), x0 [n, C, H, W] (unit-std latents the teacher
+    reached), caption_index [n] (into the cache's unique captions), w [n]
+
+Shards are written as they finish; a rerun skips the ones already there (same seed -> same draws), so
+the script can be stopped and resumed. ``distill`` reads the folder with ``pairs`` / ``regress_weight``.
+
+    python scripts/teacher_pairs.py --teacher models/shapes-teacher --cache runs/cache/shapes-12000-r64 \
+        --n 8192 --out runs/pairs/teacher20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--teacher", default="models/shapes-teacher")
+    ap.add_argument("--cache", default="runs/cache/shapes-12000-r64", help="latent cache whose captions to use")
+    ap.add_argument("--n", type=int, default=8192, help="pairs (rounded up to whole shards)")
+    ap.add_argument("--shard", type=int, default=256, help="pairs per shard file")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance-scales", default="4.0,4.5,5.0")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="runs/pairs/teacher20")
+    args = ap.parse_args(argv)
+
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from sana_sprint.data.latents import LatentDataset
+    from sana_sprint.pipeline import SprintPipeline
+
+    if min(args.n, args.batch, args.steps, args.shard) < 1:
+        print("error: --n, --shard, --batch and --steps must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        scales = [float(x) for x in args.guidance_scales.split(",")]
+    except ValueError:
+        print(f"error: --guidance-scales must be comma-separated numbers, got {args.guidance_scales!r}", file=sys.stderr)
+        return 2
+    if not Path(args.teacher).is_dir():
+        print(f"error: no teacher folder at {args.teacher}", file=sys.stderr)
+        return 2
+    try:
+        ds = LatentDataset(args.cache)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    pipe = SprintPipeline.from_pretrained(args.teacher)
+    if pipe.kind != "teacher":
+        print(f"error: {args.teacher} is a {pipe.kind} folder, not a teacher", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = -(-args.n // args.shard)
+    meta = {"teacher": str(args.teacher), "cache": str(args.cache), "steps": args.steps, "guidance_scales": scales,
+            "seed": args.seed, "shard": args.shard, "shards": shards, "flow_shift": pipe.config.get("flow_shift")}
+    old = out / "meta.json"
+    if old.exists():
+        prev = json.loads(old.read_text())
+        diff = {k: (prev.get(k), v) for k, v in meta.items() if k != "shards" and prev.get(k) != v}
+        if diff:
+            print(f"error: {out} holds pairs made with other settings: {diff}", file=sys.stderr)
+            return 2
+    old.write_text(json.dumps(meta, indent=2) + "\n")
+
+    shape = (int(pipe.transformer.config.in_channels), *ds.latent_shape[-2:])
+    bar = tqdm(total=shards * args.shard, desc="teacher pairs", unit="pair")
+    t0 = time.perf_counter()
+    for k in range(shards):
+        path = out / f"pairs-{k:05d}.pt"
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + k)  # each shard's draws depend only on (seed, k)
+        rows = torch.randint(len(ds), (args.shard,), generator=g).numpy()
+        w = torch.as_tensor(scales)[torch.randint(len(scales), (args.shard,), generator=g)]
+        noise = torch.randn((args.shard, *shape), generator=g)
+        if path.exists():
+            bar.update(args.shard)
+            continue
+        cids = np.asarray(ds.caption_index[rows]).astype(np.int64)
+        x0 = torch.empty_like(noise)
+        for i in range(0, args.shard, args.batch):
+            sl = slice(i, i + args.batch)
+            # one guidance scale per call: sort the batch's rows by w
+            for wv in torch.unique(w[sl]).tolist():
+                sel = torch.nonzero(w[sl] == wv).flatten() + i
+                prompts = [ds.captions[c] for c in cids[sel.numpy()]]
+                res = pipe(prompts, steps=args.steps, guidance_scale=wv, latents=noise[sel], output_type="latent")
+                x0[sel] = res.latents.float()
+            bar.update(min(args.batch, args.shard - i))
+        tmp = path.with_suffix(".tmp")
+        torch.save({"noise": noise, "x0": x0, "caption_index": torch.from_numpy(cids), "w": w.float()}, tmp)
+        tmp.replace(path)
+    bar.close()
+    print(f"{shards * args.shard} pairs in {out} ({time.perf_counter() - t0:.0f} s this run)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Teacher noise -> image pairs (scripts/teacher_pairs.py, data/pairs.py) and distill's 1-step regression term."""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import IMAGE_SIZE, MAX_LENGTH, tiny_vae, train_batch
+from test_distill import _method
+
+from sana_sprint.data.latents import LatentDataset, build_latent_cache
+from sana_sprint.data.pairs import TeacherPairs
+from sana_sprint.errors import UserError
+from sana_sprint.pipeline import SprintPipeline
+from sana_sprint.text import TextEncoder
+from sana_sprint.training.config import ConfigError
+from sana_sprint.training.distill import DistillConfig
+from sana_sprint.training.trainer import Stepper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import teacher_pairs  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pairs_folder(tmp_path_factory, teacher_folder, tokenizer, bert):
+    tmp = tmp_path_factory.mktemp("pairs")
+    te = TextEncoder(tokenizer, bert, max_length=MAX_LENGTH)
+    cache = build_latent_cache("shapes", tiny_vae(seed=6), te, 12, tmp / "cache", batch=6, size=IMAGE_SIZE,
+                               progress=False)
+    out = tmp / "pairs"
+    args = ["--teacher", str(teacher_folder), "--cache", str(cache), "--n", "10", "--shard", "6", "--batch", "4",
+            "--steps", "3", "--out", str(out)]
+    assert teacher_pairs.main(args) == 0
+    return out, args
+
+
+def test_pairs_are_the_teacher_pipelines_samples_from_that_noise(pairs_folder, teacher_folder):
+    out, _ = pairs_folder
+    pairs = TeacherPairs(out)
+    assert len(pairs) == 12 and sorted(p.name for p in out.glob("pairs-*.pt")) == ["pairs-00000.pt", "pairs-00001.pt"]
+    assert set(pairs.w.tolist()) <= {4.0, 4.5, 5.0}
+    cache = LatentDataset(pairs.meta["cache"])
+    pipe = SprintPipeline.from_pretrained(teacher_folder)
+    for i in (0, 7, 11):  # one at a time: an independent call of the public pipeline
+        caption = cache.captions[int(pairs.caption_index[i])]
+        ref = pipe(caption, steps=3, guidance_scale=float(pairs.w[i]), latents=pairs.noise[i:i + 1],
+                   output_type="latent").latents
+        torch.testing.assert_close(pairs.x0[i:i + 1], ref, rtol=0, atol=1e-5)
+        assert ref.abs().max() > 0.1
+    rows = pairs.batch(torch.tensor([3, 3, 9]))
+    e = torch.from_numpy(np.array(cache.text_embeds[int(pairs.caption_index[9])]))
+    torch.testing.assert_close(rows["embeds"][2], e.float())
+    assert torch.equal(rows["x0"][0], rows["x0"][1]) and rows["mask"].dtype == torch.long
+
+
+def test_pairs_rerun_skips_done_shards_and_refuses_other_settings(pairs_folder, capsys):
+    out, args = pairs_folder
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("pairs-*.pt")}
+    assert teacher_pairs.main(args) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("pairs-*.pt")} == before
+    changed = [a if a != "3" else "4" for a in args]  # --steps 4
+    assert teacher_pairs.main(changed) == 2
+    assert "other settings" in capsys.readouterr().err
+    with pytest.raises(UserError, match="no teacher pairs"):
+        TeacherPairs(out.parent)
+
+
+def test_regress_settings_are_checked():
+    for bad in ({"pairs": "x"}, {"regress_weight": 1.0}, {"pairs": "x", "regress_weight": -1.0}):
+        with pytest.raises(ConfigError):
+            DistillConfig(out="unused", **bad).validate()
+
+
+def test_regression_term_matches_a_float64_computation(pairs_folder, teacher_folder, text_encoder):
+    """loss_regress = mean over pairs of mean((x0_hat / sd - x0_T)^2), x0_hat = cos(pi/2) x - sin(pi/2) sd F at
+    x = sd z; and it enters the generator loss as + regress_weight * that, with its own embeddings and w."""
+    out, _ = pairs_folder
+    method = _method(teacher_folder, text_encoder, loss="both", pairs=str(out), regress_weight=2.5, regress_batch=5)
+    with torch.no_grad():  # a student that is not the teacher (the guidance embedding matters)
+        for p in method.student.parameters():
+            p.add_(0.02 * torch.randn_like(p, generator=torch.Generator().manual_seed(3)))
+    seen = []
+    real_batch = method.pairs.batch
+    method.pairs.batch = lambda idx: seen.append(idx.clone()) or real_batch(idx)
+    x0, e, m = method.prepare_batch(train_batch(text_encoder))
+    method.gen.manual_seed(5)
+    method.disc.eval().requires_grad_(False)
+    terms = {}
+    total, logs = method.generator_loss(x0, e, m, 10, terms=terms)
+    (idx,) = seen
+    assert len(idx) == 5
+    rows = real_batch(idx)
+    s64 = copy.deepcopy(method.student).double()
+    sd = method.sigma_data
+    with torch.no_grad():
+        F = s64((sd * rows["noise"].double()) / sd, torch.full((5,), math.pi / 2, dtype=torch.float64),
+                rows["embeds"].double(), rows["mask"], guidance=rows["w"].double())
+    s = torch.tensor(math.pi / 2, dtype=torch.float64)
+    x0_hat = torch.cos(s) * sd * rows["noise"].double() - torch.sin(s) * sd * F
+    ref = ((x0_hat / sd - rows["x0"].double()) ** 2).flatten(1).mean(1).mean()
+    assert logs["loss_regress"] == pytest.approx(float(ref), rel=1e-5)
+    assert float(total.detach()) == pytest.approx(float(terms["scm"] + method.cfg.ladd_weight * terms["adv"] + 2.5 * ref),
+                                         rel=1e-5)
+
+
+def test_regression_alone_pulls_the_1_step_output_onto_the_teacher_pairs(pairs_folder, teacher_folder, text_encoder):
+    out, _ = pairs_folder
+    method = _method(teacher_folder, text_encoder, loss="scm", pairs=str(out), regress_weight=50.0, regress_batch=12)
+    stepper = Stepper(method.optimizers(), {}, method.cfg.grad_clip, "cpu")
+    batch = train_batch(text_encoder)
+    losses = []
+    for step in range(25):
+        method.gen.manual_seed(7)  # the same draws every step: only the weights change
+        losses.append(method.train_step(batch, step, stepper)["loss_regress"])
+    assert stepper.steps["generator"] == 25 and not stepper.skipped
+    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
