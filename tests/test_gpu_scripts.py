@@ -59,6 +59,8 @@ def test_training_bench_tiny(scripts, tmp_path):
     assert set(res["infer_1step"]) >= {"transformer", "vae_decode", "end_to_end"}
     jvp = saved["jvp"]
     assert jvp["jvp_in_student_forwards"] == pytest.approx(jvp["jvp"]["time_s"] / jvp["student_forward"]["time_s"])
-    assert "JVP =" in bench.table(res)
+    assert "JVP =" in bench.table(res) and "plain torch.func.jvp" in bench.table(res)
+    assert jvp["fast_vs_plain_max_rel_diff"] < 1e-5  # fp32 on the CPU: the two JVP paths agree
+    assert jvp["jvp_plain_in_student_forwards"] > 0
     only = bench.main(["--tiny", "--repeats", "1", "--phases", "jvp", "--json", str(tmp_path / "j.json")])
     assert "jvp" in only and "teacher_ft" not in only and "infer_1step" not in only

@@ -7,15 +7,17 @@ Trainable weights fp32 + bf16 autocast (DESIGN.md trap 2); the frozen teacher is
     python benchmarks/gpu/bench_1p6b.py                  # H100/H200, < 10 minutes
     python benchmarks/gpu/bench_1p6b.py --tiny           # CPU smoke test of the same code path (seconds)
     python benchmarks/gpu/bench_1p6b.py --grad-checkpointing --batch 8 --compile --json out.json
+    python benchmarks/gpu/bench_1p6b.py --device cpu --layers 2 --phases jvp --precision fp32   # real width on a CPU
 
 Phases (each measured after one warm-up step, models of the previous phase freed):
   teacher_ft   flow-matching fwd + bwd + AdamW on the dense-time QK-norm teacher
-  distill_G    teacher CFG forwards (cond + null), student JVP (torch.func.jvp, explicit-softmax
-               cross-attention only: TrigFlowTransformer.jvp_mode), student fwd with logvar, LADD
+  distill_G    teacher CFG forwards (cond + null), student JVP (torch.func.jvp in
+               TrigFlowTransformer.jvp_mode: models/jvp.py's constant-weight rules), student fwd with logvar, LADD
                generator term (max-time student sample -> re-noise -> frozen teacher features ->
                heads), bwd, grad clip 0.1, AdamW
   distill_D    fake sample (no grad) + real, re-noised, frozen teacher features -> heads, hinge, AdamW
-  jvp          the sCM JVP alone (no grad) vs a no-grad forward of the student and of the bf16 teacher
+  jvp          the sCM JVP alone (no grad) vs a no-grad forward of the student and of the bf16 teacher, with
+               the constant-weight rules (jvp) and with PyTorch's plain forward-AD formulas (jvp_plain)
   infer_1step  batch-1 student forward (bf16) + DC-AE decode to 1024x1024, median latency
 """
 
@@ -297,7 +299,8 @@ def distill(cfg, args, device, amp) -> tuple[dict, dict, dict]:
 
 
 def jvp_cost(cfg, args, device, amp) -> dict:
-    """The sCM JVP (student output + tangent, no grad, explicit-softmax cross-attention) in forward passes:
+    """The sCM JVP (student output + tangent, no grad) in forward passes, with models/jvp.py's constant-weight
+    rules (``jvp``) and with the plain forward-AD formulas (``jvp_plain``, explicit-softmax cross-attention only):
     timed against a no-grad forward of the same student (fp32 weights, bf16 autocast) and of the bf16 teacher."""
     low = LOW[0]
     teacher = TrigFlowTransformer(build(SanaTransformer2DModel, cfg["teacher"], device, low)).eval().requires_grad_(False)
