@@ -73,7 +73,7 @@ def test_pairs_rerun_skips_done_shards_and_refuses_other_settings(pairs_folder, 
 
 
 def test_regress_settings_are_checked():
-    for bad in ({"pairs": "x"}, {"regress_weight": 1.0}, {"pairs": "x", "regress_weight": -1.0}):
+    for bad in ({"pairs": "x"}, {"regress_weight": 1.0}, {"pairs": "x", "regress_weight": -1.0}, {"loss": "regress"}):
         with pytest.raises(ConfigError):
             DistillConfig(out="unused", **bad).validate()
 
@@ -112,12 +112,13 @@ def test_regression_term_matches_a_float64_computation(pairs_folder, teacher_fol
 
 def test_regression_alone_pulls_the_1_step_output_onto_the_teacher_pairs(pairs_folder, teacher_folder, text_encoder):
     out, _ = pairs_folder
-    method = _method(teacher_folder, text_encoder, loss="scm", pairs=str(out), regress_weight=50.0, regress_batch=12)
+    method = _method(teacher_folder, text_encoder, loss="regress", pairs=str(out), regress_weight=50.0, regress_batch=12)
     stepper = Stepper(method.optimizers(), {}, method.cfg.grad_clip, "cpu")
     batch = train_batch(text_encoder)
     losses = []
     for step in range(25):
         method.gen.manual_seed(7)  # the same draws every step: only the weights change
         losses.append(method.train_step(batch, step, stepper)["loss_regress"])
-    assert stepper.steps["generator"] == 25 and not stepper.skipped
+    assert stepper.steps["generator"] == 25 and not stepper.skipped and "discriminator" not in stepper.steps
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
+    assert "scm/loss" not in method.train_step(batch, 25, stepper)

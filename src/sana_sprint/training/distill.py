@@ -85,7 +85,7 @@ class DistillConfig(TrainerConfig):
     data: str = "shapes"  # "shapes", an image folder, or a latent cache directory
     cache: str | None = None  # latent cache (default: <out>/../cache/..., shared with train-teacher)
     cache_samples: int = 60000
-    loss: Literal["scm", "ladd", "both"] = "both"
+    loss: Literal["scm", "ladd", "both", "regress"] = "both"  # regress: only the pairs term (below)
     ladd_weight: float = 0.5  # lambda in L_sCM + lambda L_adv (paper: 1:0.5 best)
     max_time_prob: float = 0.5  # probability of s_G = pi/2 in the adversarial terms
     cfg_embed: bool = True
@@ -179,6 +179,8 @@ class DistillConfig(TrainerConfig):
         if self.pairs and self.controlnet:
             raise ConfigError("pairs: the regression term is not supported with controlnet (--controlnet)")
         _non_negative(self, "ladd_weight", "tangent_warmup", "weight_decay", "fixed_guidance", "sample_guidance")
+        if self.loss == "regress" and not self.pairs:
+            raise ConfigError("loss 'regress' trains only the regression term: give pairs and regress_weight > 0")
         if self.loss == "ladd" and self.ladd_weight == 0:
             raise ConfigError("ladd_weight: loss 'ladd' with ladd_weight 0 trains nothing")
         if not 0.0 <= self.max_time_prob <= 1.0:
@@ -400,8 +402,9 @@ class DistillMethod(Method):
 
         With both losses, the student's two gradient forwards (sCM at s, adversarial sample at s_G)
         run as one doubled batch: the same math (no batch coupling in the student), fewer kernel
-        launches. ``terms``, if given, receives the unweighted loss tensors ("scm", "adv") of the same
-        draws (total = scm + ladd_weight * adv), e.g. to compare their gradients (scripts/loss_balance.py).
+        launches. ``terms``, if given, receives the unweighted loss tensors ("scm", "adv", "regress") of the
+        same draws (total = scm + ladd_weight * adv + regress_weight * regress), e.g. to compare their
+        gradients (scripts/loss_balance.py).
         """
         cfg, logs = self.cfg, {}
         sd = self.sigma_data
@@ -426,7 +429,7 @@ class DistillMethod(Method):
             xs.append(x_G)
             ss.append(s_G)
         k = len(xs)
-        if k == 0:
+        if k == 0 and self.pairs is None:
             raise ConfigError("nothing to train: loss 'ladd' needs ladd_weight > 0")
         es, ms, ws = [ehs] * k, [mask] * k, [w] * k
         if self.pairs is not None:
