@@ -64,3 +64,13 @@ def test_training_bench_tiny(scripts, tmp_path):
     assert jvp["jvp_plain_in_student_forwards"] > 0
     only = bench.main(["--tiny", "--repeats", "1", "--phases", "jvp", "--json", str(tmp_path / "j.json")])
     assert "jvp" in only and "teacher_ft" not in only and "infer_1step" not in only
+
+
+def test_training_bench_layers_keeps_the_1p6b_block_shape(scripts):
+    _, bench = scripts
+    full, two = bench.configs(False, 1024), bench.configs(False, 1024, layers=2)
+    assert full["teacher"]["num_layers"] == 20 and full["head_blocks"] == [2, 8, 14, 19]
+    assert two["teacher"]["num_layers"] == 2 and two["head_blocks"] == [0, 1]
+    same = {k: v for k, v in full["teacher"].items() if k != "num_layers"}
+    assert {k: two["teacher"][k] for k in same} == same
+    assert two["student"]["num_layers"] == 2 and two["student"]["guidance_embeds"]
