@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .attention import cross_attention_modules
+from .attention import ExplicitSoftmaxAttnProcessor, cross_attention_modules
 
 
 class ConstantWeightLinear(torch.autograd.Function):
@@ -94,39 +94,12 @@ class CrossAttentionCore(torch.autograd.Function):
         return d_out.to(out.dtype)
 
 
-class JVPCrossAttnProcessor:
+class JVPCrossAttnProcessor(ExplicitSoftmaxAttnProcessor):
     """diffusers' softmax cross-attention (``SanaAttnProcessor2_0``'s math) with :class:`CrossAttentionCore`."""
 
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        batch, kv_len, _ = context.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, kv_len, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(context)
-        value = attn.to_v(context)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(query.dtype)
-        out = CrossAttentionCore.apply(query, key, value, attention_mask)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        out = attn.to_out[0](out)
-        out = attn.to_out[1](out)
-        return out / attn.rescale_output_factor
+    @staticmethod
+    def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return CrossAttentionCore.apply(query, key, value, None if bias is None else bias.to(query.dtype))
 
 
 def _linear_forward(module: nn.Linear):
