@@ -33,8 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ModelFolderError, UserError
-from .attention import explicit_cross_attention
-from .jvp import fast_jvp_layers
+from .jvp import jvp_layers
 from .presets import init_kwargs
 from .wrapper import TrigFlowTransformer, _time
 
@@ -314,12 +313,8 @@ class ControlledTrigFlow(TrigFlowTransformer):
     @contextlib.contextmanager
     def jvp_mode(self, fast: bool = True) -> Iterator[ControlledTrigFlow]:
         """As :meth:`TrigFlowTransformer.jvp_mode`, for the base and the ControlNet branch."""
-        if fast:
-            with fast_jvp_layers(self.transformer, self.controlnet):
-                yield self
-        else:
-            with explicit_cross_attention(self.transformer), explicit_cross_attention(self.controlnet):
-                yield self
+        with jvp_layers(self.transformer, self.controlnet, fast=fast):
+            yield self
 
     def flow_velocity(
         self,

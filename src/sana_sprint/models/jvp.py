@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .attention import ExplicitSoftmaxAttnProcessor, cross_attention_modules
+from .attention import ExplicitSoftmaxAttnProcessor, cross_attention_modules, explicit_cross_attention
 
 
 class ConstantWeightLinear(torch.autograd.Function):
@@ -139,3 +139,17 @@ def fast_jvp_layers(*models: nn.Module) -> Iterator[None]:
             del m.forward
         for m, p in reversed(processors):
             m.processor = p
+
+
+@contextlib.contextmanager
+def jvp_layers(*models: nn.Module, fast: bool = True) -> Iterator[None]:
+    """What ``jvp_mode`` swaps in for ``models``: :func:`fast_jvp_layers` (``fast``) or only the explicit-softmax
+    cross-attention (PyTorch's forward-AD formulas everywhere else)."""
+    if fast:
+        with fast_jvp_layers(*models):
+            yield
+    else:
+        with contextlib.ExitStack() as stack:
+            for model in models:
+                stack.enter_context(explicit_cross_attention(model))
+            yield

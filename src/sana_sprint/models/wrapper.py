@@ -16,8 +16,7 @@ from diffusers import SanaTransformer2DModel
 from torch import nn
 
 from .. import trigflow as tf
-from .attention import explicit_cross_attention
-from .jvp import fast_jvp_layers
+from .jvp import jvp_layers
 
 
 def _time(x: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -49,12 +48,8 @@ class TrigFlowTransformer(nn.Module):
         fused-primal cross-attention with a query-only JVP. ``fast=False``: only the softmax cross-attention
         becomes explicit (the plain forward-AD formulas elsewhere). Linear self-attention is untouched in both.
         """
-        if fast:
-            with fast_jvp_layers(self.transformer):
-                yield self
-        else:
-            with explicit_cross_attention(self.transformer):
-                yield self
+        with jvp_layers(self.transformer, fast=fast):
+            yield self
 
     @property
     def has_guidance(self) -> bool:
