@@ -125,10 +125,11 @@ def _phase(phase: str, args: dict, queue) -> None:
         dxds = torch.randn(b, c, hw, hw, generator=g).to(device)
         w = torch.full((b,), 4.5, device=device)
 
+        mode = {"jvp": "fast", "jvp_plain": "plain", "jvp_compile": "compile"}[phase]
+
         def fn():
             with autocast():
-                scm_lib.student_jvp(method.student, x_s, s, dxds, embeds, mask, w,
-                                     mode={"jvp": "fast", "jvp_plain": "plain", "jvp_compile": "compile"}[phase])
+                scm_lib.student_jvp(method.student, x_s, s, dxds, embeds, mask, w, mode=mode)
     else:
         loss = {"g_step_scm": "scm", "g_step_ladd": "ladd"}.get(phase, "both")
         cfg = DistillConfig(out="unused", loss=loss, bf16=args["bf16"], batch=b, tangent_warmup=0)

@@ -84,13 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for k in range(shards):
         path = out / f"pairs-{k:05d}.pt"
+        if path.exists():
+            bar.update(args.shard)
+            continue
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + k)  # each shard's draws depend only on (seed, k)
         rows = torch.randint(len(ds), (args.shard,), generator=g).numpy()
         w = torch.as_tensor(scales)[torch.randint(len(scales), (args.shard,), generator=g)]
         noise = torch.randn((args.shard, *shape), generator=g)
-        if path.exists():
-            bar.update(args.shard)
-            continue
         cids = np.asarray(ds.caption_index[rows]).astype(np.int64)
         x0 = torch.empty_like(noise)
         for i in range(0, args.shard, args.batch):

@@ -20,6 +20,7 @@ can batch the student's gradient forward with other work; :func:`scm_loss` does 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -220,16 +221,11 @@ def _jvp_call(student: nn.Module, x, s, tx, ts, ehs, mask, guidance):
     return torch.func.jvp(F_fn, (x, s), (tx, ts))
 
 
-_compiled_jvp_call = None
-
-
+@functools.cache
 def _compiled_jvp():
     """``_jvp_call`` under ``torch.compile`` (built once per process; inductor fuses the tangent's
     element-wise work, which at small widths costs more than the matrix products)."""
-    global _compiled_jvp_call
-    if _compiled_jvp_call is None:
-        _compiled_jvp_call = torch.compile(_jvp_call, dynamic=False)
-    return _compiled_jvp_call
+    return torch.compile(_jvp_call, dynamic=False)
 
 
 @torch.no_grad()
