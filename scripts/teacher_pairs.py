@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/pairs/teacher20")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (the noise is drawn on the CPU either way)")
+    ap.add_argument("--cached-text", action="store_true",
+                    help="take the captions' embeddings from the cache instead of running the text encoder "
+                         "(the values the distillation trains on; no text-encoder weights needed)")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -61,7 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    pipe = SprintPipeline.from_pretrained(args.teacher)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        print(f"error: --device: {e}", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    pipe = SprintPipeline.from_pretrained(args.teacher, text_encoder=ds.text_encoder() if args.cached_text else None)
+    pipe.to(device)
     if pipe.kind != "teacher":
         print(f"error: {args.teacher} is a {pipe.kind} folder, not a teacher", file=sys.stderr)
         return 2
@@ -69,10 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     shards = -(-args.n // args.shard)
     meta = {"teacher": str(args.teacher), "cache": str(args.cache), "steps": args.steps, "guidance_scales": scales,
-            "seed": args.seed, "shard": args.shard, "shards": shards, "flow_shift": pipe.config.get("flow_shift")}
+            "seed": args.seed, "shard": args.shard, "shards": shards, "flow_shift": pipe.config.get("flow_shift"),
+            "text": "cache" if args.cached_text else "encoder"}
     old = out / "meta.json"
     if old.exists():
         prev = json.loads(old.read_text())
+        prev.setdefault("text", "encoder")  # folders written before --cached-text
         diff = {k: (prev.get(k), v) for k, v in meta.items() if k != "shards" and prev.get(k) != v}
         if diff:
             print(f"error: {out} holds pairs made with other settings: {diff}", file=sys.stderr)
@@ -99,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             for wv in torch.unique(w[sl]).tolist():
                 sel = torch.nonzero(w[sl] == wv).flatten() + i
                 prompts = [ds.captions[c] for c in cids[sel.numpy()]]
-                res = pipe(prompts, steps=args.steps, guidance_scale=wv, latents=noise[sel], output_type="latent")
-                x0[sel] = res.latents.float()
+                res = pipe(prompts, steps=args.steps, guidance_scale=wv, latents=noise[sel].to(device),
+                           output_type="latent")
+                x0[sel] = res.latents.float().cpu()
             bar.update(min(args.batch, args.shard - i))
         tmp = path.with_suffix(".tmp")
         torch.save({"noise": noise, "x0": x0, "caption_index": torch.from_numpy(cids), "w": w.float()}, tmp)

@@ -122,3 +122,29 @@ def test_regression_alone_pulls_the_1_step_output_onto_the_teacher_pairs(pairs_f
     assert stepper.steps["generator"] == 25 and not stepper.skipped and "discriminator" not in stepper.steps
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
     assert "scm/loss" not in method.train_step(batch, 25, stepper)
+
+
+def test_cached_text_pairs_match_the_encoder_pairs_and_unknown_prompts_are_refused(pairs_folder, tmp_path, teacher_folder):
+    """--cached-text: the cache's fp16 embeddings instead of the encoder (what distill trains on) give the
+    same pairs up to that rounding; the stand-in encoder answers only for cached captions."""
+    out, args = pairs_folder
+    ref = TeacherPairs(out)
+    cached = tmp_path / "cached"
+    args2 = [a if a != str(out) else str(cached) for a in args] + ["--cached-text"]
+    assert teacher_pairs.main(args2) == 0
+    got = TeacherPairs(cached)
+    assert got.meta["text"] == "cache" and torch.equal(got.noise, ref.noise) and torch.equal(got.w, ref.w)
+    torch.testing.assert_close(got.x0, ref.x0, rtol=0, atol=2e-3)  # fp16 embeddings vs the encoder's fp32
+    assert (got.x0 - ref.x0).abs().max() > 0  # really a different text path
+    # an existing folder made with the encoder refuses a --cached-text rerun
+    assert teacher_pairs.main(args + ["--cached-text"]) == 2
+
+    cache = LatentDataset(ref.meta["cache"])
+    te = cache.text_encoder()
+    e, m = te.encode([cache.captions[2].upper(), cache.captions[0]])  # prompts are preprocessed like the encoder's
+    torch.testing.assert_close(e[0], torch.from_numpy(np.asarray(cache.text_embeds[2]).astype(np.float32)))
+    assert m.dtype == torch.long and torch.equal(m[1], torch.from_numpy(np.asarray(cache.text_masks[0])).long())
+    with pytest.raises(KeyError, match="not in the cache"):
+        te.encode(["a prompt the cache never saw"])
+    ne, nm = te.null_embedding()
+    assert ne.shape == (1, *cache.meta["text_shape"]) and nm.shape == (1, cache.meta["text_shape"][0])

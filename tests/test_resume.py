@@ -235,3 +235,37 @@ def test_distill_sigkill_mid_step_and_resume_is_bit_identical(tmp_path, distill_
 
 if __name__ == "__main__":
     _worker(sys.argv[1], sys.argv[2], bool(int(sys.argv[3])), int(sys.argv[4]))
+
+
+def test_plain_distill_continues_from_a_student_folder(tmp_path, distill_setup):
+    """student_init without a ControlNet: the student starts as the folder's transformer (as exported),
+    the teacher stays the target; a folder that is not a matching student is refused."""
+    from sana_sprint.errors import ModelFolderError
+    from sana_sprint.training.distill import DistillConfig, build
+
+    teacher, cache = distill_setup
+    base = dict(teacher=str(teacher), data=str(cache), batch=4, progress=False, threads=1, sample_count=2)
+    cfg = DistillConfig(out=str(tmp_path / "a"), **base)
+    cfg.validate()
+    method, _ = build(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        for p in method.student.transformer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = method.export(tmp_path / "student")
+    saved = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+    cfg2 = DistillConfig(out=str(tmp_path / "b"), student_init=str(folder), **base)
+    cfg2.validate()
+    cont, _ = build(cfg2, torch.device("cpu"))
+    got = cont.student.transformer.state_dict()
+    assert set(saved) == set(got)
+    for k, v in saved.items():
+        torch.testing.assert_close(got[k], v.float(), rtol=0, atol=0)
+    teacher_sd = cont.teacher.transformer.state_dict()
+    shared = [k for k in teacher_sd if k in got and got[k].shape == teacher_sd[k].shape]
+    moved = [k for k in shared if not torch.equal(teacher_sd[k], got[k])]
+    assert len(shared) > 10 and len(moved) > len(shared) // 2  # the target is still the teacher, not the student
+    assert {id(p) for g in cont.opt_g.param_groups for p in g["params"]} >= {id(p) for p in cont.student.transformer.parameters()}
+
+    with pytest.raises(ModelFolderError, match="expected a distilled 'student'"):
+        build(DistillConfig(out=str(tmp_path / "c"), student_init=str(teacher), **base), torch.device("cpu"))

@@ -240,6 +240,57 @@ class LatentDataset(CacheMeta):
     def loader(self, batch_size: int, seed: int = 0) -> LatentLoader:
         return LatentLoader(self, batch_size, seed)
 
+    def text_encoder(self) -> CachedTextEncoder:
+        """A stand-in for the text encoder that answers with this cache's embeddings (its captions only)."""
+        return CachedTextEncoder(self)
+
+
+class CachedTextEncoder:
+    """The part of :class:`~sana_sprint.text.TextEncoder` a pipeline uses, read from a latent cache.
+
+    ``encode`` returns the cached embeddings of captions the cache holds (the same values the training
+    steps see) and raises ``KeyError`` for any other prompt; ``null_embedding`` is the cached empty
+    prompt. For running a pipeline where the text encoder's weights are not available (a GPU machine
+    that gets only the cache). Not savable with a pipeline.
+    """
+
+    spec = "cache"
+
+    def __init__(self, dataset: LatentDataset, device="cpu"):
+        from ..text import preprocess
+
+        self.dataset = dataset
+        self.max_length = int(dataset.meta["text_shape"][0])
+        self._ids = {preprocess(c): i for i, c in enumerate(dataset.captions)}
+        self._preprocess = preprocess
+        self._device = torch.device(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def to(self, device) -> CachedTextEncoder:
+        self._device = torch.device(device)
+        return self
+
+    def clear_cache(self) -> None:
+        pass
+
+    def encode(self, prompts: list[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        missing = [p for p in prompts if self._preprocess(p) not in self._ids]
+        if missing:
+            raise KeyError(f"{len(missing)} prompt(s) not in the cache {self.dataset.path}, e.g. {missing[0]!r}")
+        cid = np.asarray([self._ids[self._preprocess(p)] for p in prompts], dtype=np.int64)
+        e = torch.from_numpy(np.asarray(self.dataset.text_embeds[cid]).astype(np.float32))
+        m = torch.from_numpy(np.asarray(self.dataset.text_masks[cid]).astype(np.int64))
+        return e.to(self._device), m.to(self._device)
+
+    def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        e, m = self.dataset.null_embedding()
+        return e.to(self._device), m.to(self._device)
+
 
 class LatentLoader:
     """Endless shuffled batches: epoch e visits the rows in ``permutation(seed, e)``; batches may span epochs.

@@ -124,7 +124,9 @@ class DistillConfig(TrainerConfig):
     export: str | None = None  # pipeline folder written at the end (default: <out>/export)
     # Sprint-ControlNet (training/controlnet.py): teacher = base + this ControlNet, student = base + a trainable copy
     controlnet: str | None = None  # ControlNet teacher folder (train-controlnet output)
-    student_init: str | None = None  # distilled student folder: its transformer is the student base
+    # distilled student folder: its transformer is the student base (with controlnet), or the student that a
+    # plain distillation continues from (fresh optimisers, heads and logvar; the teacher stays the target)
+    student_init: str | None = None
     control_train: Literal["auto", "controlnet", "all"] = "auto"  # auto: controlnet with student_init, else all
     control_cache: str | None = None  # control-latent cache (default: <latent cache>-<condition>)
     # fraction of each batch's samples trained without control (teacher and student run as their bases):
@@ -150,8 +152,8 @@ class DistillConfig(TrainerConfig):
         from .distributed import launched_world_size
 
         check_process_batch(self.batch, launched_world_size(), self.disc_group)
-        if not self.controlnet and (self.student_init or self.control_train != "auto" or self.control_cache):
-            raise ConfigError("student_init / control_train / control_cache: only with controlnet (--controlnet DIR)")
+        if not self.controlnet and (self.control_train != "auto" or self.control_cache):
+            raise ConfigError("control_train / control_cache: only with controlnet (--controlnet DIR)")
         if not 0.0 <= self.control_dropout < 1.0:
             raise ConfigError(f"control_dropout: must be in [0, 1), got {self.control_dropout}")
         if self.control_dropout and not self.controlnet:
@@ -659,11 +661,16 @@ def build(cfg: DistillConfig, device: torch.device):
         resolution=int(sprint.get("resolution", 64)),
     )
     data = prepare_data(data_cfg, vae, device)
+    student_base = None
+    if cfg.student_init:
+        from .controlnet import load_student_base
+
+        student_base = load_student_base(cfg.student_init, teacher)
     seed_everything(cfg.seed)
     method = DistillMethod(
         cfg, teacher, scaling_factor=data.scaling_factor, latent_shape=data.latent_shape,
         null=data.null_embedding(), device=device, vae=vae, prompts=sample_prompts_from(data, cfg.sample_count),
-        teacher_dir=cfg.teacher,
+        teacher_dir=cfg.teacher, student_base=student_base,
     )
     return method, data
 
