@@ -267,5 +267,8 @@ def test_plain_distill_continues_from_a_student_folder(tmp_path, distill_setup):
     assert len(shared) > 10 and len(moved) > len(shared) // 2  # the target is still the teacher, not the student
     assert {id(p) for g in cont.opt_g.param_groups for p in g["params"]} >= {id(p) for p in cont.student.transformer.parameters()}
 
+    out = cont.export(tmp_path / "continued")
+    assert json.loads((out / "sprint_config.json").read_text())["distill"]["student_init"] == str(folder)
+
     with pytest.raises(ModelFolderError, match="expected a distilled 'student'"):
         build(DistillConfig(out=str(tmp_path / "c"), student_init=str(teacher), **base), torch.device("cpu"))

@@ -604,6 +604,10 @@ class DistillMethod(Method):
                      "trained_steps": self.trained_steps, "ema_decay": self.cfg.ema_decay,
                      "weights": "ema" if self.ema is not None else "raw"},
         )
+        if self.cfg.regress_weight:
+            config["distill"]["regress_weight"] = self.cfg.regress_weight
+        if self.cfg.student_init and self.control_train is None:  # continued from this student (its steps not counted)
+            config["distill"]["student_init"] = str(self.cfg.student_init)
         (tmp / SPRINT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
