@@ -246,3 +246,24 @@ def test_loss_terms_sum_to_the_generator_gradient(teacher_folder, text_encoder):
     got = loss_balance.term_grad_norms(method, batch, 50, 11)
     assert got["scm"] == pytest.approx(norm(g_scm), rel=1e-6) and got["adv"] == pytest.approx(norm(g_adv), rel=1e-6)
     assert got["adv"] > 0 and got["adv_over_scm"] == pytest.approx(got["adv"] / got["scm"])
+
+
+def test_lr_warmup_ramps_both_optimisers_linearly(teacher_folder, text_encoder):
+    """lr_warmup N: update n of each optimiser runs at lr * min(1, (n + 1) / N); the step taken matches that lr."""
+    method = _method(teacher_folder, text_encoder, loss="both", lr_warmup=3, lr=1e-3, lr_d=2e-3, grad_clip=0.0)
+    assert _method(teacher_folder, text_encoder).schedulers() == {}  # default: constant LR, no scheduler state
+    stepper = Stepper(method.optimizers(), method.schedulers(), method.cfg.grad_clip, "cpu")
+    batch = train_batch(text_encoder)
+    seen = []
+    for step in range(4):
+        seen.append((method.opt_g.param_groups[0]["lr"], method.opt_d.param_groups[0]["lr"]))
+        p = method.student.transformer.proj_out.weight
+        before = p.detach().clone()
+        method.train_step(batch, step, stepper)
+        if step == 0:  # Adam's first update moves every coordinate with a gradient by ~lr (|m / sqrt(v)| = 1)
+            moved = (p.detach() - before).abs()
+            assert moved.max().item() == pytest.approx(1e-3 / 3, rel=1e-3)
+    want = [(1e-3 * min(1, (n + 1) / 3), 2e-3 * min(1, (n + 1) / 3)) for n in range(4)]
+    np.testing.assert_allclose(seen, want, rtol=1e-12)
+    with pytest.raises(ConfigError, match="lr_warmup"):
+        DistillConfig(out="x", lr_warmup=-1).validate()

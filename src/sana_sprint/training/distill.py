@@ -107,6 +107,9 @@ class DistillConfig(TrainerConfig):
     batch: int = 32
     lr: float = 1e-4  # student (+ logvar head)
     lr_d: float = 1e-4  # discriminator heads
+    # linear LR warm-up of both optimisers over this many of their updates (0 = constant LR, the paper's):
+    # for a continuation (student_init) whose fresh Adam moments would otherwise take full-size first steps
+    lr_warmup: int = 0
     optimizer: Literal["adamw", "came"] = "adamw"
     weight_decay: float = 0.0
     beta1: float = 0.9
@@ -180,7 +183,7 @@ class DistillConfig(TrainerConfig):
             raise ConfigError("pairs / regress_weight: the regression term needs both a pairs folder and a weight > 0")
         if self.pairs and self.controlnet:
             raise ConfigError("pairs: the regression term is not supported with controlnet (--controlnet)")
-        _non_negative(self, "ladd_weight", "tangent_warmup", "weight_decay", "fixed_guidance", "sample_guidance")
+        _non_negative(self, "ladd_weight", "tangent_warmup", "lr_warmup", "weight_decay", "fixed_guidance", "sample_guidance")
         if self.loss == "regress" and not self.pairs:
             raise ConfigError("loss 'regress' trains only the regression term: give pairs and regress_weight > 0")
         if self.loss == "ladd" and self.ladd_weight == 0:
@@ -304,6 +307,11 @@ class DistillMethod(Method):
         g_params = [p for p in self.student.parameters() if p.requires_grad]
         self.opt_g = _make_optimizer(cfg, g_params, cfg.lr)
         self.opt_d = _make_optimizer(cfg, list(self.disc.parameters()), cfg.lr_d)
+        self._scheds = {}
+        if cfg.lr_warmup:
+            ramp = lambda n: min(1.0, (n + 1) / cfg.lr_warmup)  # noqa: E731  (update n uses lr * ramp(n))
+            self._scheds = {"generator": torch.optim.lr_scheduler.LambdaLR(self.opt_g, ramp),
+                            "discriminator": torch.optim.lr_scheduler.LambdaLR(self.opt_d, ramp)}
         # Every training draw (s, z, w, s_D, max-time). The same state on every rank: draws are made for
         # the global batch and each rank keeps its rows (RankDraws), so N processes == 1 process.
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -339,6 +347,9 @@ class DistillMethod(Method):
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"generator": self.opt_g, "discriminator": self.opt_d}
+
+    def schedulers(self) -> dict[str, Any]:
+        return self._scheds
 
     def generators(self) -> dict[str, torch.Generator]:
         return {"distill": self.gen}
