@@ -3,6 +3,7 @@
     python benchmarks/distill_cost.py [--preset shapes|tiny | --teacher models/shapes-teacher] [--batch 8]
                                       [--repeats 5] [--no-bf16] [--device cpu|cuda] [--threads 1]
                                       [--phases jvp,g_step_both,...] [--json benchmarks/distill_cost.json]
+                                      [--profile N]
 
 ``jvp`` times the sCM tangent's forward-mode JVP of the student alone (``scm.student_jvp``: the
 stop-grad student output and its directional derivative in one ``torch.func.jvp``), so its cost in
@@ -16,6 +17,9 @@ Time: median wall time of ``--repeats`` calls after ``--warmup`` calls, each pha
 is one teacher forward (no grad) at the same batch size; the SANA-Sprint target for a hybrid G step
 is <= 12 of them (teacher CFG pass = 2, JVP ~ 2-3, student forward+backward ~ 3 twice for sCM and
 LADD, teacher forward+backward to its input ~ 2-3).
+
+``--profile N`` runs each phase N more times under ``torch.profiler`` and reports the ops with the most
+self time per call and, on CUDA, the kernel launches per call (a step of small kernels is bound by them).
 
 Memory: every phase runs in its own fresh process (spawn), so peaks do not leak between phases.
 On CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation after model construction. On CPU:
@@ -166,9 +170,36 @@ def _phase(phase: str, args: dict, queue) -> None:
         peak = torch.cuda.max_memory_allocated() / 2**20 - base
     else:
         peak = _peak_rss_mb() - base_rss
-    queue.put({"phase": phase, "ms": 1000 * statistics.median(times), "ms_all": [1000 * t for t in times],
-               "cpu_ms": 1000 * statistics.median(cpu), "cpu_ms_all": [1000 * t for t in cpu],
-               "mem_mb": peak, "base_mb": base if cuda else base_rss, "load_avg_1min": os.getloadavg()[0]})
+    res = {"phase": phase, "ms": 1000 * statistics.median(times), "ms_all": [1000 * t for t in times],
+           "cpu_ms": 1000 * statistics.median(cpu), "cpu_ms_all": [1000 * t for t in cpu],
+           "mem_mb": peak, "base_mb": base if cuda else base_rss, "load_avg_1min": os.getloadavg()[0]}
+    if args.get("profile"):
+        res["profile"] = _profile(fn, args["profile"], cuda)
+    queue.put(res)
+
+
+def _profile(fn, calls: int, cuda: bool, top: int = 12) -> dict:
+    """``calls`` more calls under torch.profiler: per call, the ops with the most self time (device time on
+    CUDA, CPU time otherwise), the number of CUDA kernels launched and the CPU-side time of the launches
+    (where a launch-bound step spends its time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    rows = sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:top]
+    out = {"calls": calls, "sort": key, "top": [
+        {"op": e.key, "count_per_call": e.count / calls, "self_ms_per_call": getattr(e, key, 0) / 1000 / calls}
+        for e in rows]}
+    launches = [e for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")]
+    out["kernel_launches_per_call"] = sum(e.count for e in launches) / calls
+    out["launch_cpu_ms_per_call"] = sum(e.self_cpu_time_total for e in launches) / 1000 / calls
+    return out
 
 
 def measure(args: dict) -> dict:
@@ -206,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per phase (0 = torch default)")
     ap.add_argument("--json", default="benchmarks/distill_cost.json")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also run each phase N more times under torch.profiler and report its top ops and kernel launches")
     a = ap.parse_args(argv)
     phases = [p.strip() for p in a.phases.split(",")] if a.phases else list(PHASES)
     if any(p not in PHASES for p in phases):
@@ -217,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--teacher {a.teacher}: not a pipeline folder (needs sprint_config.json and transformer/)")
         max_length = int(json.loads(sprint.read_text()).get("max_sequence_length", max_length))
     args = {"preset": a.preset, "teacher": a.teacher, "batch": a.batch, "max_length": max_length, "repeats": a.repeats,
-            "warmup": a.warmup, "bf16": a.bf16, "device": a.device, "threads": a.threads, "phases": phases}
+            "warmup": a.warmup, "bf16": a.bf16, "device": a.device, "threads": a.threads, "phases": phases,
+            "profile": max(0, a.profile)}
     results = measure(args)
     mem_kind = "CUDA max_memory_allocated" if a.device.startswith("cuda") else "peak RSS delta"
     print(f"{a.teacher or 'preset=' + a.preset} batch={a.batch} L={max_length} bf16={a.bf16} device={a.device} "
@@ -226,6 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in results.items():
         print(f"{name:<20}{r['ms']:>9.1f}{r['cpu_ms']:>9.1f}{r['teacher_forwards']:>7.2f}{r['teacher_forwards_cpu']:>10.2f}"
               f"{r['mem_mb']:>9.1f}{r['mem_vs_teacher_train']:>16.2f}")
+    for name, r in results.items():
+        if "profile" in r:
+            pr = r["profile"]
+            print(f"-- {name}: top ops by {pr['sort']} per call; {pr['kernel_launches_per_call']:.0f} kernel launches "
+                  f"per call, {pr['launch_cpu_ms_per_call']:.1f} ms of CPU in launches")
+            for row in pr["top"]:
+                print(f"   {row['self_ms_per_call']:>9.2f} ms {row['count_per_call']:>7.1f}x  {row['op'][:80]}")
     for name, target in (("jvp", 3), ("g_step_both", 12)):
         if name in results:
             r = results[name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import IMAGE_SIZE, MAX_LENGTH, tiny_transformer, tiny_vae
@@ -187,3 +188,23 @@ def test_diffusers_dtypes_auto(monkeypatch):
     monkeypatch.setattr(fast, "cpu_has_native_bf16", lambda: True)
     assert benchmarks.diffusers_dtypes(torch.device("cpu")) == ("fp32", "bf16")
     assert benchmarks.diffusers_dtypes(torch.device("cpu"), "bf16, bf16") == ("bf16",)
+
+
+def test_distill_cost_profile_reports_the_step_ops(tmp_path, capsys):
+    """benchmarks/distill_cost.py --profile: the teacher forward is the unit, and the profiled G step's
+    top ops are the model's own (matrix products), counted per call."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # spawned phases re-import it by name
+    import distill_cost as mod
+    out = tmp_path / "dc.json"
+    assert mod.main(["--preset", "tiny", "--batch", "2", "--repeats", "1", "--warmup", "1", "--threads", "1",
+                     "--device", "cpu", "--phases", "g_step_both", "--profile", "2", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert res["teacher_forward"]["teacher_forwards"] == 1.0
+    prof = res["g_step_both"]["profile"]
+    assert prof["calls"] == 2 and prof["sort"] == "self_cpu_time_total" and len(prof["top"]) == 12
+    ops = {r["op"]: r for r in prof["top"]}
+    assert any(k in ops for k in ("aten::mm", "aten::addmm", "aten::bmm"))
+    assert all(r["self_ms_per_call"] > 0 and r["count_per_call"] > 0 for r in prof["top"])
+    assert "top ops by self_cpu_time_total" in capsys.readouterr().out
