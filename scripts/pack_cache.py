@@ -8,7 +8,7 @@ out, set to zero), masks and captions as they are, compressed. ``unpack``
 writes a normal cache folder (fp16 arrays) that ``LatentDataset`` reads; each value is within half a
 quantisation step (scale / 2, scale = absmax / 127) of the original, and the report prints the errors.
 
-    python scripts/pack_cache.py pack runs/cache/shapes-12000-r64 packed.npz
+    python scripts/pack_cache.py pack runs/cache/shapes-12000-r64 packed.npz [--rows N]
     python scripts/pack_cache.py unpack packed.npz runs/cache/shapes-12000-r64
 """
 
@@ -34,28 +34,38 @@ def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scale
 
 
-def pack(cache: Path, out: Path) -> dict:
+def pack(cache: Path, out: Path, rows: int | None = None) -> dict:
+    """``rows``: keep only the first ``rows`` rows (and the captions they use, renumbered in order)."""
     from sana_sprint.data.latents import LatentDataset
 
     ds = LatentDataset(cache)  # raises on a missing or incomplete cache
-    lat = np.asarray(ds.latents, dtype=np.float32)
-    masks = np.asarray(ds.text_masks, dtype=np.uint8)
+    n = len(ds) if rows is None else int(rows)
+    if not 1 <= n <= len(ds):
+        raise ValueError(f"--rows must be in [1, {len(ds)}], got {rows}")
+    cidx = np.asarray(ds.caption_index[:n], dtype=np.int64)
+    used = np.unique(cidx)  # sorted: first-use order is kept for a prefix of the rows
+    remap = np.full(len(ds.captions), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    meta = dict(ds.meta, n=n, done=n, n_unique=len(used))
+    captions = [ds.captions[i] for i in used]
+    lat = np.asarray(ds.latents[:n], dtype=np.float32)
+    masks = np.asarray(ds.text_masks, dtype=np.uint8)[used]
     # padded token positions are masked out of every attention: zeroed, they compress to nothing
-    emb = np.asarray(ds.text_embeds, dtype=np.float32) * masks[..., None]
+    emb = np.asarray(ds.text_embeds, dtype=np.float32)[used] * masks[..., None]
     lq, ls = quantize(lat, axes=tuple(range(2, lat.ndim)))  # per (row, channel)
     eq, es = quantize(emb, axes=(emb.ndim - 1,))  # per token vector
     np.savez_compressed(
         out,
-        meta=np.frombuffer(json.dumps(ds.meta).encode(), dtype=np.uint8),
-        captions=np.frombuffer(json.dumps(ds.captions).encode(), dtype=np.uint8),
+        meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+        captions=np.frombuffer(json.dumps(captions).encode(), dtype=np.uint8),
         latents_q=lq, latents_scale=ls, embeds_q=eq, embeds_scale=es,
-        caption_index=np.asarray(ds.caption_index, dtype=np.int32),
+        caption_index=remap[cidx].astype(np.int32),
         text_masks=masks,
         null_embed=np.load(cache / "null_embed.npy"), null_mask=np.load(cache / "null_mask.npy"),
     )
     err = {"latents": float(np.abs(dequantize(lq, ls) - lat).max() / np.abs(lat).max()),
            "embeds": float(np.abs(dequantize(eq, es) - emb).max() / np.abs(emb).max())}
-    return {"rows": len(ds), "unique_captions": len(ds.captions), "bytes": out.stat().st_size, "max_rel_error": err}
+    return {"rows": n, "unique_captions": len(used), "bytes": out.stat().st_size, "max_rel_error": err}
 
 
 def unpack(packed: Path, out: Path) -> dict:
@@ -80,13 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("pack", help="cache folder -> .npz")
     p.add_argument("cache")
     p.add_argument("out")
+    p.add_argument("--rows", type=int, default=None, help="keep only the first ROWS rows (a smaller file)")
     u = sub.add_parser("unpack", help=".npz -> cache folder")
     u.add_argument("packed")
     u.add_argument("out")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "pack":
-            res = pack(Path(args.cache), Path(args.out))
+            res = pack(Path(args.cache), Path(args.out), args.rows)
         else:
             res = unpack(Path(args.packed), Path(args.out))
     except (FileNotFoundError, FileExistsError, ValueError) as e:

@@ -54,6 +54,22 @@ def test_pack_unpack_round_trip(tmp_path, tokenizer, bert):
         assert np.array_equal(np.load(cache / f"{k}.npy"), np.load(tmp_path / "back" / f"{k}.npy"))
 
 
+def test_pack_a_prefix_of_the_rows_keeps_their_captions(tmp_path, tokenizer, bert):
+    te = TextEncoder(tokenizer, bert, max_length=MAX_LENGTH)
+    cache = build_latent_cache("shapes", tiny_vae(seed=6), te, 10, tmp_path / "cache", batch=5, size=IMAGE_SIZE,
+                               progress=False)
+    assert pack_cache.main(["pack", str(cache), str(tmp_path / "p.npz"), "--rows", "6"]) == 0
+    assert pack_cache.main(["unpack", str(tmp_path / "p.npz"), str(tmp_path / "back")]) == 0
+    a, b = LatentDataset(cache), LatentDataset(tmp_path / "back")
+    assert len(b) == 6 and b.meta["n"] == 6 and len(b.captions) == b.meta["n_unique"] <= 6
+    ba, bb = a.batch(np.arange(6)), b.batch(np.arange(6))
+    assert ba["caption"] == bb["caption"] and torch.equal(ba["mask"], bb["mask"])
+    m = ba["mask"][..., None].float()
+    assert torch.allclose(ba["embeds"] * m, bb["embeds"], atol=0.02 * float(ba["embeds"].abs().max()))
+    assert torch.allclose(ba["latents"], bb["latents"], atol=0.01 * float(ba["latents"].abs().max()))
+    assert pack_cache.main(["pack", str(cache), str(tmp_path / "q.npz"), "--rows", "11"]) == 2
+
+
 def test_pack_errors_are_reported(tmp_path, capsys):
     assert pack_cache.main(["pack", str(tmp_path / "none"), str(tmp_path / "p.npz")]) == 2
     assert "not a latent cache" in capsys.readouterr().err

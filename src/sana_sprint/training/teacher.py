@@ -242,17 +242,21 @@ class TeacherMethod(Method):
     def export(self, out_dir: Path, text_encoder=None) -> Path:
         """Pipeline folder: EMA transformer + VAE in fp16 safetensors, sprint_config kind "teacher".
 
-        ``text_encoder`` defaults to the method's own, else ``cfg.text_encoder`` is loaded; a package
-        encoder is only named in the folder, a local one is saved into it.
+        ``text_encoder`` defaults to the method's own, else ``cfg.text_encoder``: a package encoder is only
+        named in the folder (its weights are not needed, nor loaded), a local one is loaded and saved into it.
         """
         import copy
 
         from ..pipeline import SprintPipeline
-        from ..text import load_text_encoder
+        from ..text import PACKAGE_ENCODERS, NamedTextEncoder, load_text_encoder
 
         if self.vae is None:
             raise ValueError("export needs the VAE")
-        te = text_encoder or self.text_encoder or load_text_encoder(self.cfg.text_encoder, self.cfg.max_length)
+        te = text_encoder or self.text_encoder
+        if te is None:
+            spec = self.cfg.text_encoder
+            te = (NamedTextEncoder(spec, self.cfg.max_length) if spec in PACKAGE_ENCODERS
+                  else load_text_encoder(spec, self.cfg.max_length))
         transformer = SanaTransformer2DModel(**self.model_config)
         transformer.load_state_dict(self.ema.shadow.state_dict())
         config = {
