@@ -249,7 +249,7 @@ class CachedTextEncoder:
     """The part of :class:`~sana_sprint.text.TextEncoder` a pipeline uses, read from a latent cache.
 
     ``encode`` returns the cached embeddings of captions the cache holds (the same values the training
-    steps see) and raises ``KeyError`` for any other prompt; ``null_embedding`` is the cached empty
+    steps see) and raises ``UserError`` for any other prompt; ``null_embedding`` is the cached empty
     prompt. For running a pipeline where the text encoder's weights are not available (a GPU machine
     that gets only the cache). Not savable with a pipeline.
     """
@@ -281,7 +281,10 @@ class CachedTextEncoder:
             prompts = [prompts]
         missing = [p for p in prompts if self._preprocess(p) not in self._ids]
         if missing:
-            raise KeyError(f"{len(missing)} prompt(s) not in the cache {self.dataset.path}, e.g. {missing[0]!r}")
+            from ..errors import UserError
+
+            raise UserError(f"{len(missing)} prompt(s) not in the cache {self.dataset.path} (its text encoder is not "
+                            f"loaded here, only its cached captions can be encoded), e.g. {missing[0]!r}")
         cid = np.asarray([self._ids[self._preprocess(p)] for p in prompts], dtype=np.int64)
         e = torch.from_numpy(np.asarray(self.dataset.text_embeds[cid]).astype(np.float32))
         m = torch.from_numpy(np.asarray(self.dataset.text_masks[cid]).astype(np.int64))
