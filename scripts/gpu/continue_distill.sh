@@ -13,6 +13,10 @@
 # folder above the config's export folder. Made for the `device` tool (PYTHONPATH with the carried diffusers
 # wheel); any CUDA machine works.
 set -u
+if [ $# -lt 3 ]; then
+  echo "usage: $0 PACKED.npz TOTAL_SECONDS RUN.json [RUN.json ...]" >&2
+  exit 2
+fi
 T0=$(date +%s)
 PACKED=$1; TOTAL=$2; shift 2
 OUT=${OUT:-runs/gpu_out}; mkdir -p "$OUT"
@@ -20,6 +24,11 @@ export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 NPAIRS=${NPAIRS:-65536}
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
+# "<command> <out folder> <export folder>" of a run config
+describe() {
+  $PY -c "import json, sys; c = json.load(open(sys.argv[1])); out = c['out']; \
+print('distill' if 'teacher' in c else 'train-teacher', out, c.get('export') or out + '/export')" "$1"
+}
 
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 CACHE_DIR=${CACHE_DIR:-runs/cache/shapes-12000-r64}
@@ -36,27 +45,27 @@ if [ "$NPAIRS" -gt 0 ]; then
 fi
 
 MARGIN=${MARGIN:-60}
-pids=(); names=(); cfgs=("$@")
+pids=(); names=(); outs=(); exports=()
 for cfg in "$@"; do
-  name=$(basename "$(dirname "$($PY -c "import json, sys; c = json.load(open(sys.argv[1])); print(c.get('export') or c['out'] + '/export')" "$cfg")")")
+  read -r cmd out exp < <(describe "$cfg") || exit 2
+  name=$(basename "$(dirname "$exp")")
   mins=$($PY -c "print(max(0.5, ($(left) - $MARGIN) / 60))")
-  echo "[$(($(date +%s)-T0)) s] start $name for $mins min"
-  cmd=$($PY -c "import json, sys; print('distill' if 'teacher' in json.load(open(sys.argv[1])) else 'train-teacher')" "$cfg")
+  echo "[$(($(date +%s)-T0)) s] start $name ($cmd) for $mins min"
   $PY -m sana_sprint.cli "$cmd" --config "$cfg" --max-minutes "$mins" > "$OUT/$name.log" 2>&1 &
-  pids+=($!); names+=("$name")
+  pids+=($!); names+=("$name"); outs+=("$out"); exports+=("$exp")
 done
 for i in "${!pids[@]}"; do
   wait "${pids[$i]}"; rc=$?
-  name=${names[$i]}
+  name=${names[$i]}; out=${outs[$i]}; exp=${exports[$i]}
   echo "[$(($(date +%s)-T0)) s] $name exited $rc"
   tail -n 3 "$OUT/$name.log" | tr '\r' '\n' | tail -n 3
-  run=$($PY -c "import json, sys, pathlib; c = json.load(open(sys.argv[1])); print(pathlib.Path(c.get('export') or c['out'] + '/export').parent)" "${cfgs[$i]}")
-  echo "  checkpoints: $(ls "$run/checkpoints" 2>/dev/null | tr '\n' ' ')"
-  [ -f "$run/metrics.jsonl" ] && tail -n 1 "$run/metrics.jsonl"
-  if [ -d "$run/export/transformer" ]; then
-    files=(export/transformer export/sprint_config.json)
-    for f in metrics.jsonl config.json; do [ -f "$run/$f" ] && files+=("$f"); done
-    tar -cf "$OUT/$name.tar" -C "$run" "${files[@]}"
+  echo "  checkpoints: $(ls "$out/checkpoints" 2>/dev/null | tr '\n' ' ')"
+  [ -f "$out/metrics.jsonl" ] && tail -n 1 "$out/metrics.jsonl"
+  if [ -d "$exp/transformer" ]; then  # the tar holds export/..., metrics.jsonl, config.json
+    stage=$(mktemp -d); mkdir "$stage/export"
+    cp -r "$exp/transformer" "$exp/sprint_config.json" "$stage/export/"
+    for f in metrics.jsonl config.json; do [ -f "$out/$f" ] && cp "$out/$f" "$stage/"; done
+    tar -cf "$OUT/$name.tar" -C "$stage" . && rm -rf "$stage"
   fi
 done
 ls -la "$OUT"
