@@ -49,7 +49,6 @@ from diffusers import SanaTransformer2DModel
 
 from ..cli import command
 from ..data.control_cache import ControlDataset, build_control_cache, default_control_dir, is_control_cache
-from ..errors import ModelFolderError
 from ..losses.flow_matching import flow_matching_loss
 from ..models.controlnet import DEFAULT_NUM_BLOCKS, ControlledTrigFlow, SprintControlNet
 from ..models.presets import init_kwargs
@@ -363,26 +362,9 @@ def export_student_controlnet(method, folder: Path, dtype: torch.dtype) -> str:
     return CONTROLNET_SUBFOLDER
 
 
-def load_student_base(folder: str | Path, teacher: SanaTransformer2DModel) -> SanaTransformer2DModel:
-    """The transformer of a distilled student folder (kind "student"), checked against the teacher's architecture."""
-    folder = Path(folder)
-    cfg_path = folder / "sprint_config.json"
-    if not cfg_path.is_file() or not (folder / "transformer").is_dir():
-        raise ModelFolderError(f"--student-init {folder}: not a pipeline folder (needs sprint_config.json and transformer/)")
-    kind = json.loads(cfg_path.read_text()).get("kind")
-    if kind != "student":
-        raise ModelFolderError(f"--student-init {folder}: kind is {kind!r}, expected a distilled 'student'")
-    student = SanaTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32)
-    keys = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels", "caption_channels")
-    bad = [k for k in keys if student.config[k] != teacher.config[k]]
-    if bad or not student.config.guidance_embeds:
-        raise ModelFolderError(f"--student-init {folder}: transformer does not match the teacher ({bad or 'no guidance embeds'})")
-    return student
-
-
 def build_distill(cfg, device: torch.device):
     """(DistillMethod, ControlDataset) for ``sana-sprint distill --controlnet DIR`` (see the module docstring)."""
-    from .distill import DistillMethod, SamplePrompts, load_teacher_folder
+    from .distill import DistillMethod, SamplePrompts, load_student_base, load_teacher_folder
 
     teacher, vae, sprint = load_teacher_folder(cfg.teacher, device)
     cn = SprintControlNet.from_pretrained(cfg.controlnet, base=teacher)

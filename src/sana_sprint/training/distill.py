@@ -629,6 +629,23 @@ class DistillMethod(Method):
 # --- building from folders ------------------------------------------------------------------------
 
 
+def load_student_base(folder: str | Path, teacher: SanaTransformer2DModel) -> SanaTransformer2DModel:
+    """The transformer of a distilled student folder (kind "student"), checked against the teacher's architecture."""
+    folder = Path(folder)
+    cfg_path = folder / "sprint_config.json"
+    if not cfg_path.is_file() or not (folder / "transformer").is_dir():
+        raise ModelFolderError(f"--student-init {folder}: not a pipeline folder (needs sprint_config.json and transformer/)")
+    kind = json.loads(cfg_path.read_text()).get("kind")
+    if kind != "student":
+        raise ModelFolderError(f"--student-init {folder}: kind is {kind!r}, expected a distilled 'student'")
+    student = SanaTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32)
+    keys = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels", "caption_channels")
+    bad = [k for k in keys if student.config[k] != teacher.config[k]]
+    if bad or not student.config.guidance_embeds:
+        raise ModelFolderError(f"--student-init {folder}: transformer does not match the teacher ({bad or 'no guidance embeds'})")
+    return student
+
+
 def load_teacher_folder(folder: str | Path, device) -> tuple[SanaTransformer2DModel, AutoencoderDC, dict]:
     """(teacher transformer fp32, VAE, sprint config) of a teacher pipeline folder."""
     folder = Path(folder)
@@ -676,11 +693,7 @@ def build(cfg: DistillConfig, device: torch.device):
         resolution=int(sprint.get("resolution", 64)),
     )
     data = prepare_data(data_cfg, vae, device)
-    student_base = None
-    if cfg.student_init:
-        from .controlnet import load_student_base
-
-        student_base = load_student_base(cfg.student_init, teacher)
+    student_base = load_student_base(cfg.student_init, teacher) if cfg.student_init else None
     seed_everything(cfg.seed)
     method = DistillMethod(
         cfg, teacher, scaling_factor=data.scaling_factor, latent_shape=data.latent_shape,
