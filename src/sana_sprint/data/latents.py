@@ -279,13 +279,14 @@ class CachedTextEncoder:
     def encode(self, prompts: list[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(prompts, str):
             prompts = [prompts]
-        missing = [p for p in prompts if self._preprocess(p) not in self._ids]
+        keys = [self._preprocess(p) for p in prompts]
+        missing = [p for p, k in zip(prompts, keys, strict=True) if k not in self._ids]
         if missing:
             from ..errors import UserError
 
             raise UserError(f"{len(missing)} prompt(s) not in the cache {self.dataset.path} (its text encoder is not "
                             f"loaded here, only its cached captions can be encoded), e.g. {missing[0]!r}")
-        cid = np.asarray([self._ids[self._preprocess(p)] for p in prompts], dtype=np.int64)
+        cid = np.asarray([self._ids[k] for k in keys], dtype=np.int64)
         e = torch.from_numpy(np.asarray(self.dataset.text_embeds[cid]).astype(np.float32))
         m = torch.from_numpy(np.asarray(self.dataset.text_masks[cid]).astype(np.int64))
         return e.to(self._device), m.to(self._device)
