@@ -167,6 +167,14 @@ _anything = st.one_of(
 )
 
 
+def test_a_guidance_beyond_float32_is_refused_not_nan(tiny_pipe):
+    """3.4028235677973366e+38 is finite in Python but rounds to inf in float32 (found by the property below)."""
+    with pytest.raises(UserError, match="guidance_scale"):
+        tiny_pipe("a red circle", guidance_scale=3.4028235677973366e38, seed=0, output_type="pt")
+    out = tiny_pipe("a red circle", guidance_scale=float(torch.finfo(torch.float32).max), seed=0, output_type="pt")
+    assert out.images.shape[0] == 1 and torch.isfinite(out.images).all()
+
+
 @FAST
 @given(steps=_anything, guidance=_anything, height=_anything, num=_anything,
        timesteps=st.one_of(st.none(), st.lists(st.floats(-1, 2), max_size=4)))

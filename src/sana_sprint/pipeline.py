@@ -287,8 +287,9 @@ class SprintPipeline:
         if output_type not in ("pil", "pt", "np", "latent"):
             raise UserError(f"output_type must be pil, pt, np or latent, got {output_type!r}")
         w = float(self.config["default_guidance"] if guidance_scale is None else guidance_scale)
-        if not math.isfinite(w) or w < 0:
-            raise UserError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        # the models take w in float32: a float above its largest value would become inf there
+        if not math.isfinite(w) or w < 0 or w > torch.finfo(torch.float32).max:
+            raise UserError(f"guidance_scale must be a finite number >= 0 (within float32), got {guidance_scale!r}")
         height, width = self._size(height, width)
         schedule = self._schedule(steps, timesteps)
 
