@@ -30,7 +30,8 @@ reproduce: $(STAMP)
 # resumes from its checkpoints if interrupted; --stop-at replays the steps where our runs were stopped
 # by their time limits). runs/teacher_pe/export is v3; the last three stages (twin_position scenes, half
 # the training times at high noise) give v4 = runs/teacher_twin_mix2/export and
-# v5 = runs/teacher_twin_mix3/export (= models/shapes-teacher).
+# v5 = runs/teacher_twin_mix3/export; a last stage at batch 1024 (a GPU's work) gives
+# v6 = runs/teacher_v6/export (= models/shapes-teacher).
 teacher: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/sana-sprint train-teacher --config configs/shapes-teacher.json --resume --stop-at 4219 --max-minutes 0
 	OMP_NUM_THREADS=1 $(BIN)/sana-sprint train-teacher --config configs/shapes-teacher-stage2.json --stop-at 15243 --max-minutes 0
@@ -40,6 +41,11 @@ teacher: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/sana-sprint train-teacher --config configs/shapes-teacher-twin-mix.json
 	OMP_NUM_THREADS=1 $(BIN)/sana-sprint train-teacher --config configs/shapes-teacher-twin-mix2.json
 	OMP_NUM_THREADS=1 $(BIN)/sana-sprint train-teacher --config configs/shapes-teacher-twin-mix3.json
+	# v6: stage 8 at batch 1024 on the int8 pack of 16,000 rows of the twin-mix cache (ran on an H200 in 10.6 min;
+	# ~11 h on one core of this CPU, estimated from 3 steps)
+	$(BIN)/python scripts/pack_cache.py pack runs/cache/shapes-position2-twin3-mix-20000-r64 runs/twinmix16k.npz --rows 16000
+	$(BIN)/python scripts/pack_cache.py unpack runs/twinmix16k.npz runs/cache/twinmix-16000-r64-int8
+	$(BIN)/sana-sprint train-teacher --config configs/shapes-teacher-v6.json
 
 # The browser end-to-end test needs Debian's chromium + chromedriver; without them it is skipped.
 browser-deps:
