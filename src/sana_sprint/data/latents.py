@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 CACHE_VERSION = 1
 META = "meta.json"
 
@@ -282,8 +284,6 @@ class CachedTextEncoder:
         keys = [self._preprocess(p) for p in prompts]
         missing = [p for p, k in zip(prompts, keys, strict=True) if k not in self._ids]
         if missing:
-            from ..errors import UserError
-
             raise UserError(f"{len(missing)} prompt(s) not in the cache {self.dataset.path} (its text encoder is not "
                             f"loaded here, only its cached captions can be encoded), e.g. {missing[0]!r}")
         cid = np.asarray([self._ids[k] for k in keys], dtype=np.int64)
