@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint venv clean reproduce teacher browser-deps
+.PHONY: demo test test-all lint venv clean reproduce teacher student browser-deps
 
 venv: $(STAMP)
 
@@ -46,6 +46,22 @@ teacher: $(STAMP)
 	$(BIN)/python scripts/pack_cache.py pack runs/cache/shapes-position2-twin3-mix-20000-r64 runs/twinmix16k.npz --rows 16000
 	$(BIN)/python scripts/pack_cache.py unpack runs/twinmix16k.npz runs/cache/twinmix-16000-r64-int8
 	$(BIN)/sana-sprint train-teacher --config configs/shapes-teacher-v6.json
+
+# The shipped student v9: student v8 (distilled from teacher v5; restored from git history) plus the teacher's
+# fine-tune v6 - v5 (weight arithmetic), then 2,000 steps towards teacher v6 on this CPU (~100 min on one core
+# + ~13 min of teacher pairs + the latent cache on first use). Writes runs/distill_v9/export with its timesteps chosen.
+student: $(STAMP)
+	mkdir -p runs/teacher_v5 runs/student_v8
+	git archive 9d9864c models/shapes-teacher | tar -x -C runs/teacher_v5
+	git archive 7043cc6 models/shapes-sprint | tar -x -C runs/student_v8
+	$(BIN)/python scripts/task_vector.py --student runs/student_v8/models/shapes-sprint \
+	  --old runs/teacher_v5/models/shapes-teacher --new models/shapes-teacher --alpha 1.0 --out runs/tv/v8_plus_v6_minus_v5
+	OMP_NUM_THREADS=1 $(BIN)/sana-sprint distill --config configs/shapes-distill-v9-cpu.json --prepare-only
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/teacher_pairs.py --teacher models/shapes-teacher \
+	  --cache runs/cache/shapes-12000-r64 --n 4096 --shard 512 --out runs/pairs/v6_20_4k
+	OMP_NUM_THREADS=1 $(BIN)/sana-sprint distill --config configs/shapes-distill-v9-cpu.json
+	$(BIN)/python scripts/choose_timesteps.py --model runs/distill_v9/export --steps-list 2,4 --limit 90 \
+	  --images-per-prompt 2 --out runs/timesteps/sprint_v9.json --write
 
 # The browser end-to-end test needs Debian's chromium + chromedriver; without them it is skipped.
 browser-deps:

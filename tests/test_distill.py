@@ -267,3 +267,19 @@ def test_lr_warmup_ramps_both_optimisers_linearly(teacher_folder, text_encoder):
     np.testing.assert_allclose(seen, want, rtol=1e-12)
     with pytest.raises(ConfigError, match="lr_warmup"):
         DistillConfig(out="x", lr_warmup=-1).validate()
+
+
+def test_prepare_only_builds_the_cache_and_trains_nothing(tmp_path, teacher_folder):
+    from sana_sprint import cli
+    from sana_sprint.data.latents import LatentDataset
+
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    args = ["distill", "--teacher", str(teacher_folder), "--data", "shapes", "--cache", str(cache), "--cache-samples", "6",
+            "--out", str(out), "--pairs", str(tmp_path / "not-yet"), "--regress-weight", "30", "--prepare-only"]
+    assert cli.main(args) == 0
+    ds = LatentDataset(str(cache))
+    assert len(ds) == 6 and ds.latent_shape == tuple(LATENT)
+    assert not (out / "checkpoints").exists() and not (out / "export").exists()
+    first = sorted(p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file())
+    assert cli.main(args) == 0  # a present cache is reused, not rebuilt
+    assert sorted(p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()) == first

