@@ -26,13 +26,9 @@ from pathlib import Path
 WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 
 
-def student_key(teacher_key: str) -> str:
-    """The student's name for a teacher parameter (the student's time embedding is a combined one)."""
-    return teacher_key.replace("time_embed.emb.timestep_embedder", "time_embed.timestep_embedder")
-
-
 def apply_task_vector(student: dict, old: dict, new: dict, alpha: float) -> tuple[dict, dict]:
     """student + alpha * (new - old) on every teacher parameter; returns (weights, stats)."""
+    from sana_sprint.models.presets import student_key
 
     if set(old) != set(new):
         raise ValueError(f"the two teachers hold different parameters: {sorted(set(old) ^ set(new))[:4]}")
@@ -73,8 +69,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --{name}: no {WEIGHTS} under {getattr(args, name)}", file=sys.stderr)
             return 2
     out = Path(args.out)
-    if out.resolve() == Path(args.student).resolve():
-        print("error: --out must differ from --student (the student folder would be overwritten)", file=sys.stderr)
+    for name in ("student", "old", "new"):
+        if out.resolve() == Path(getattr(args, name)).resolve():
+            print(f"error: --out must differ from --{name} (that folder would be overwritten)", file=sys.stderr)
+            return 2
+    if out.exists() and not (out / "task_vector.json").is_file():
+        print(f"error: --out {out} exists and is not an earlier output of this script; not overwriting it",
+              file=sys.stderr)
         return 2
 
     from safetensors.torch import load_file, save_file

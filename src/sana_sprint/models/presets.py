@@ -145,7 +145,8 @@ _TIME_EMBED_KEYS = {
 }
 
 
-def _student_key(key: str) -> str:
+def student_key(key: str) -> str:
+    """The student's name for a teacher parameter (the student's time embedding is a combined one)."""
     for old, new in _TIME_EMBED_KEYS.items():
         if key.startswith(old):
             return new + key[len(old) :]
@@ -161,7 +162,7 @@ def make_student(teacher: SanaTransformer2DModel) -> SanaTransformer2DModel:
         raise ValueError("make_student expects a teacher without guidance embeddings")
     param = next(teacher.parameters())
     student = SanaTransformer2DModel(**student_from_teacher_config(teacher.config)).to(param.device, param.dtype)
-    state = {_student_key(k): v for k, v in teacher.state_dict().items()}
+    state = {student_key(k): v for k, v in teacher.state_dict().items()}
     target = student.state_dict()
     unexpected = sorted(set(state) - set(target))
     if unexpected:

@@ -728,7 +728,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    if getattr(args, "prepare_only", False):
+    if args.prepare_only:
         if cfg.controlnet:
             raise UserError("--prepare-only: not supported with --controlnet (its control cache is built by the run)")
         data = prepare_distill_data(cfg, device)[3]
