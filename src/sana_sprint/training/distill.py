@@ -728,16 +728,18 @@ def run(args: argparse.Namespace) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    if args.prepare_only:
-        if cfg.controlnet:
-            raise UserError("--prepare-only: not supported with --controlnet (its control cache is built by the run)")
-        data = prepare_distill_data(cfg, device)[3]
-        print(f"latent cache ready: {len(data)} samples")
-        return 0
+    if args.prepare_only and cfg.controlnet:
+        raise UserError("--prepare-only: not supported with --controlnet (its control cache is built by the run)")
     from .distributed import setup as setup_processes
 
     with setup_processes(cfg.device).main_process_first():  # rank 0 builds a missing latent cache first
-        method, data = build(cfg, device)
+        if args.prepare_only:
+            data = prepare_distill_data(cfg, device)[3]
+        else:
+            method, data = build(cfg, device)
+    if args.prepare_only:
+        print(f"latent cache ready: {len(data)} samples")
+        return 0
     n = method.num_parameters
     logger.info("distill: student %.2f M, heads %.2f M parameters, %d cached samples, loss=%s",
                 n["student"] / 1e6, n["heads"] / 1e6, len(data), cfg.loss)
