@@ -8,8 +8,8 @@
 #
 #   [PACKED=.gpu/cache12k.npz] [DEVICE=cuda] [NPAIRS=65536] bash scripts/gpu/student_v10.sh    # ~10 min on one H200
 #
-# STOP1 / STOP2 / SHARD override the legs' step counts and the pair shard size (a smoke run on a CPU:
-# DEVICE=cpu NPAIRS=16 SHARD=16 STOP1=2 STOP2=2).
+# STOP1 / STOP2 / SHARD override the legs' step counts (else the configs' stop_at) and the pair shard size
+# (a smoke run on a CPU: DEVICE=cpu NPAIRS=16 SHARD=16 STOP1=2 STOP2=2).
 #
 # The shipped run went through scripts/gpu/continue_distill.sh with wall-clock deadlines (the first leg beside a
 # second run, so 6.3 min for 570 steps; the second leg 2.9 min alone), and its second leg saw only the first
@@ -20,8 +20,6 @@ PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 NPAIRS=${NPAIRS:-65536}
 SHARD=${SHARD:-4096}
-STOP1=${STOP1:-570}
-STOP2=${STOP2:-310}
 CACHE=runs/cache/shapes-12000-r64
 V9=runs/student_v9/models/shapes-sprint
 T0=$(date +%s)
@@ -42,7 +40,7 @@ stamp "cache ready"
 $PY scripts/teacher_pairs.py --device "$DEVICE" --cached-text --cache "$CACHE" --n "$NPAIRS" \
   --shard "$SHARD" --batch "$SHARD" --threads 4 --out runs/pairs/gpu20
 stamp "pairs ready"
-$PY -m sana_sprint.cli distill --config configs/shapes-distill-gpu-v10-leg1.json --stop-at "$STOP1"
+$PY -m sana_sprint.cli distill --config configs/shapes-distill-gpu-v10-leg1.json ${STOP1:+--stop-at "$STOP1"}
 stamp "leg 1 done"
-$PY -m sana_sprint.cli distill --config configs/shapes-distill-gpu-v10-leg2.json --stop-at "$STOP2"
+$PY -m sana_sprint.cli distill --config configs/shapes-distill-gpu-v10-leg2.json ${STOP2:+--stop-at "$STOP2"}
 stamp "leg 2 done: runs/gpu/v10_leg2/export"
