@@ -1,5 +1,6 @@
 """Gradient norms of the generator loss terms of a distillation run: sCM, adversarial (LADD) and, with
-``pairs``, the 1-step regression onto teacher samples.
+``pairs``, the 1-step regression onto teacher samples (in latent space and, with ``regress_features``, in the
+discriminator backbone's feature space).
 
 The generator minimises ``L_sCM + ladd_weight * L_adv``. How much LADD steers the student depends on
 the size of its gradient next to the sCM gradient, which depends on the model, the latent scale and
@@ -34,12 +35,12 @@ def term_grad_norms(method, batch: dict, step: int, seed: int) -> dict[str, floa
     out = {}
     with method.generator_phase():
         method.generator_loss(x0, ehs, mask, step, terms=terms)
-        for name in ("scm", "adv", "regress"):
+        for name in ("scm", "adv", "regress", "regress_features"):
             if name not in terms:
                 continue
             grads = torch.autograd.grad(terms[name], params, retain_graph=True, allow_unused=True)
             out[name] = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
-    for name in ("adv", "regress"):
+    for name in ("adv", "regress", "regress_features"):
         if "scm" in out and name in out:
             out[f"{name}_over_scm"] = out[name] / max(out["scm"], 1e-30)
     return out
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"batch {i}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
     result = {"config": args.config, "checkpoint": str(args.checkpoint), "ladd_weight": cfg.ladd_weight,
-              "regress_weight": cfg.regress_weight, "rows": rows}
+              "regress_weight": cfg.regress_weight, "regress_features": cfg.regress_features, "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

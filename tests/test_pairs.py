@@ -148,3 +148,74 @@ def test_cached_text_pairs_match_the_encoder_pairs_and_unknown_prompts_are_refus
         te.encode(["a prompt the cache never saw"])
     ne, nm = te.null_embedding()
     assert ne.shape == (1, *cache.meta["text_shape"]) and nm.shape == (1, cache.meta["text_shape"][0])
+
+
+def _teacher_features64(teacher, blocks, x_scaled, s, ehs, mask):
+    """Float64 teacher block outputs through hooks of its own (not the Discriminator's), as [B, N, C]."""
+    t64 = copy.deepcopy(teacher).double()
+    got = {}
+    hooks = [t64.transformer.transformer_blocks[i].register_forward_hook(
+        lambda mod, args, out, i=i: got.__setitem__(i, out[0] if isinstance(out, tuple) else out)) for i in blocks]
+    try:
+        t64(x_scaled.double(), s.double(), ehs.double(), mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [got[i] for i in blocks]
+
+
+def test_feature_regression_matches_a_float64_computation_and_its_gradient(pairs_folder, teacher_folder, text_encoder):
+    """loss = mean over hooked blocks of mean((phi(x_hat) - phi(x_T))^2) / mean(phi(x_T)^2), both re-noised at one
+    s_D ~ arctan(exp(N(d_p_mean, d_p_std)) / sd) with the same noise (drawn s_D first, then z); its gradient in x_hat
+    agrees with a float64 central finite difference; zero for x_hat = x_T."""
+    from sana_sprint.losses import ladd as ladd_lib
+
+    method = _method(teacher_folder, text_encoder, loss="both", pairs=str(pairs_folder[0]), regress_weight=1.0)
+    disc, cfg, sd = method.disc.eval(), method.ladd_cfg, method.sigma_data
+    b = train_batch(text_encoder)
+    g = torch.Generator().manual_seed(11)
+    x_t = sd * torch.randn(3, *method.latent_shape, generator=g)
+    x_h = (x_t + 0.3 * sd * torch.randn(3, *method.latent_shape, generator=g)).requires_grad_(True)
+    loss = ladd_lib.feature_regression_loss(disc, x_h, x_t, b["embeds"], b["mask"], cfg, torch.Generator().manual_seed(4))
+    loss.backward()
+
+    g = torch.Generator().manual_seed(4)
+    tau = torch.randn(3, generator=g, dtype=torch.float32) * cfg.d_p_std + cfg.d_p_mean
+    s = torch.atan(torch.exp(tau) / sd).double()
+    z = sd * torch.randn(3, *method.latent_shape, generator=g).double()
+    c, si = torch.cos(s)[:, None, None, None], torch.sin(s)[:, None, None, None]
+
+    def ref(xh):
+        ft = _teacher_features64(method.teacher, disc.block_indices, (c * x_t.double() + si * z) / sd, s, b["embeds"], b["mask"])
+        fh = _teacher_features64(method.teacher, disc.block_indices, (c * xh + si * z) / sd, s, b["embeds"], b["mask"])
+        return torch.stack([((h - t) ** 2).mean() / (t ** 2).mean() for h, t in zip(fh, ft)]).mean()
+
+    with torch.no_grad():
+        x64 = x_h.detach().double()
+        assert float(loss) == pytest.approx(float(ref(x64)), rel=1e-4)
+        assert float(loss) > 1e-3 and float(ref(x_t.double())) == 0.0
+        v = torch.randn(x64.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        eps = 1e-4
+        fd = (ref(x64 + eps * v) - ref(x64 - eps * v)) / (2 * eps)
+    assert float((x_h.grad.double() * v).sum()) == pytest.approx(float(fd), rel=2e-3)
+    assert all(p.grad is None for p in method.teacher.parameters())
+
+
+def test_feature_regression_enters_the_generator_loss_with_its_weight(pairs_folder, teacher_folder, text_encoder):
+    out, _ = pairs_folder
+    method = _method(teacher_folder, text_encoder, loss="both", pairs=str(out), regress_weight=2.5, regress_features=1.5)
+    x0, e, m = method.prepare_batch(train_batch(text_encoder))
+    method.gen.manual_seed(5)
+    method.disc.eval().requires_grad_(False)
+    terms = {}
+    total, logs = method.generator_loss(x0, e, m, 10, terms=terms)
+    assert logs["loss_regress_features"] == pytest.approx(float(terms["regress_features"]), rel=1e-6)
+    assert logs["loss_regress_features"] > 0
+    parts = terms["scm"] + method.cfg.ladd_weight * terms["adv"] + 2.5 * terms["regress"] + 1.5 * terms["regress_features"]
+    assert float(total.detach()) == pytest.approx(float(parts.detach()), rel=1e-6)
+    # features alone (no latent term) is a valid setting; a weight without pairs is not
+    DistillConfig(out="unused", pairs="x", regress_features=1.0).validate()
+    with pytest.raises(ConfigError, match="regress_features"):
+        DistillConfig(out="unused", regress_features=1.0).validate()
+    with pytest.raises(ConfigError, match="regress_features"):
+        DistillConfig(out="unused", pairs="x", regress_features=-1.0).validate()

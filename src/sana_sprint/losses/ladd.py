@@ -18,6 +18,7 @@ for the global batch of a multi-process run and keeps this rank's (see :func:`pe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -183,6 +184,40 @@ def adversarial_g_loss(
     logits = disc(renoise(x0_hat, s_D, generator, sd) / sd, s_D, ehs, mask)
     loss = generator_adv_loss(logits)
     return loss, {"ladd/g_adv": loss.item(), "ladd/g_logits": logits.mean().item()}
+
+
+def normalised_feature_mse(feats: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """mean over layers l of mean((f_l - t_l)^2) / mean(t_l^2): each hooked block weighs the same whatever the
+    scale of its activations (the normaliser is the target's, without grad)."""
+    if len(feats) != len(targets) or not feats:
+        raise ValueError(f"need the same number (>= 1) of feature maps, got {len(feats)} and {len(targets)}")
+    per_layer = []
+    for f, t in zip(feats, targets):
+        f, t = f.float(), t.float().detach()
+        per_layer.append((f - t).square().mean() / t.square().mean().clamp_min(1e-12))
+    return torch.stack(per_layer).mean()
+
+
+def feature_regression_loss(
+    disc: nn.Module,
+    x0_hat: torch.Tensor,
+    x0_target: torch.Tensor,
+    ehs: torch.Tensor,
+    mask: torch.Tensor | None,
+    config: LADDConfig = LADDConfig(),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Regression of ``x0_hat`` onto ``x0_target`` (both training space) in the discriminator backbone's
+    feature space: both re-noised at the same s_D with the same noise, compared by
+    :func:`normalised_feature_mse` over the hooked teacher blocks. Gradients flow to ``x0_hat`` only."""
+    sd = config.sigma_data
+    x0_hat, x0_target = _f32(x0_hat), _f32(x0_target).detach()
+    s_D = discriminator_time(x0_hat.shape[0], config, generator, x0_hat.device)
+    z = sd * _randn_like(x0_hat, generator)
+    with torch.no_grad():
+        targets = disc.features(trigflow_noise(x0_target, z, s_D) / sd, s_D, ehs, mask)
+    feats = disc.features(trigflow_noise(x0_hat, z, s_D) / sd, s_D, ehs, mask)
+    return normalised_feature_mse(feats, targets)
 
 
 def discriminator_loss(

@@ -145,6 +145,11 @@ class DistillConfig(TrainerConfig):
     pairs: str | None = None
     regress_weight: float = 0.0
     regress_batch: int = 0  # 0: the generator batch
+    # the same pairs compared in the discriminator backbone's feature space instead of latent MSE (a perceptual
+    # regression, as LPIPS in consistency distillation): adds regress_features * mean over the hooked teacher
+    # blocks of mean((phi(x0_hat) - phi(x0_T))^2) / mean(phi(x0_T)^2), both re-noised at one s_D ~ the LADD
+    # discriminator times with the same noise (losses/ladd.py feature_regression_loss)
+    regress_features: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -178,14 +183,16 @@ class DistillConfig(TrainerConfig):
             raise ConfigError(f"ema_decay: must be in [0, 1) (0 = no EMA), got {self.ema_decay}")
         if self.ema_decay and self.controlnet:
             raise ConfigError("ema_decay: not supported with controlnet (--controlnet) yet; leave it at 0")
-        _non_negative(self, "regress_weight", "regress_batch")
-        if bool(self.pairs) != (self.regress_weight > 0):
-            raise ConfigError("pairs / regress_weight: the regression term needs both a pairs folder and a weight > 0")
+        _non_negative(self, "regress_weight", "regress_batch", "regress_features")
+        if bool(self.pairs) != (self.regress_weight > 0 or self.regress_features > 0):
+            raise ConfigError("pairs / regress_weight / regress_features: the regression terms need both a pairs "
+                              "folder and a weight > 0")
         if self.pairs and self.controlnet:
             raise ConfigError("pairs: the regression term is not supported with controlnet (--controlnet)")
         _non_negative(self, "ladd_weight", "tangent_warmup", "lr_warmup", "weight_decay", "fixed_guidance", "sample_guidance")
         if self.loss == "regress" and not self.pairs:
-            raise ConfigError("loss 'regress' trains only the regression term: give pairs and regress_weight > 0")
+            raise ConfigError("loss 'regress' trains only the regression terms: give pairs and regress_weight > 0 "
+                              "(or regress_features > 0)")
         if self.loss == "ladd" and self.ladd_weight == 0:
             raise ConfigError("ladd_weight: loss 'ladd' with ladd_weight 0 trains nothing")
         if not 0.0 <= self.max_time_prob <= 1.0:
@@ -473,6 +480,13 @@ class DistillMethod(Method):
             if terms is not None:
                 terms["regress"] = reg
             logs["loss_regress"] = reg.item()
+            if cfg.regress_features:
+                feat = ladd_lib.feature_regression_loss(self.disc, x0_r, sd * pr["x0"], pr["embeds"], pr["mask"],
+                                                        self.ladd_cfg, draws)
+                total = total + cfg.regress_features * feat
+                if terms is not None:
+                    terms["regress_features"] = feat
+                logs["loss_regress_features"] = feat.item()
         if use_adv:
             x0_hat = consistency_fn(x_G, F[n_scm:n_scm + b], s_G, sd)
             adv, adv_logs = ladd_lib.adversarial_g_loss(self.student, self.disc, x0, ehs, mask, w, self.ladd_cfg,
@@ -617,6 +631,8 @@ class DistillMethod(Method):
         )
         if self.cfg.regress_weight:
             config["distill"]["regress_weight"] = self.cfg.regress_weight
+        if self.cfg.regress_features:
+            config["distill"]["regress_features"] = self.cfg.regress_features
         if self.cfg.student_init and self.control_train is None:  # continued from this student (its steps not counted)
             config["distill"]["student_init"] = str(self.cfg.student_init)
         (tmp / SPRINT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
