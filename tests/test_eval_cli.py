@@ -311,6 +311,8 @@ def _bad_prompts(tmp_path):
         (["--images", "{tmp}"], "no samples"),
         (["--save-images", "{tmp}"], "not empty"),
         (["--images", "{tmp}", "--fast", "mixed"], "cannot be combined with --fast"),
+        (["--images", "{tmp}", "--noise-scale", "0.8"], "cannot be combined with --noise-scale"),
+        (["--noise-scale", "0"], "--noise-scale must be a finite number > 0"),
         (["--model", "{teacher}", "--sampler", "trigflow-euler", "--fast", "exact"], "--fast"),
     ],
 )

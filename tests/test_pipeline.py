@@ -112,11 +112,30 @@ def test_output_types(student):
         (dict(latents=torch.zeros(1, 4, 4, 4)), "latents"),
         (dict(num_images_per_prompt=0), "num_images_per_prompt"),
         (dict(output_type="jpg"), "output_type"),
+        (dict(noise_scale=0.0), "noise_scale"),
+        (dict(noise_scale=float("inf")), "noise_scale"),
+        (dict(noise_scale=True), "noise_scale"),
     ],
 )
 def test_invalid_arguments(student, kwargs, match):
     with pytest.raises(UserError, match=match):
         student("a", **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["student", "teacher"])
+def test_noise_scale_is_the_same_noise_scaled(kind, student, teacher):
+    """noise_scale c samples from c times the noise the generators draw: the same images as passing that
+    scaled noise as ``latents`` (drawn here independently, as the pipeline's per-image generators do)."""
+    pipe = student if kind == "student" else teacher
+    prompts = ["a red circle", "two blue squares"]
+    kw = dict(steps=1 if kind == "student" else 2, output_type="latent")  # one step: no re-noising draws
+    z = torch.cat([torch.randn(1, *pipe("a", seed=0, **kw).latents.shape[1:], generator=torch.Generator().manual_seed(7 + i))
+                   for i in range(2)])
+    got = pipe(prompts, seed=7, noise_scale=0.8, **kw).latents
+    torch.testing.assert_close(got, pipe(prompts, latents=0.8 * z, **kw).latents, rtol=0, atol=1e-6)
+    assert (got - pipe(prompts, seed=7, **kw).latents).abs().max() > 1e-3
+    torch.testing.assert_close(pipe(prompts, latents=z, noise_scale=0.5, **kw).latents,
+                               pipe(prompts, latents=0.5 * z, **kw).latents, rtol=0, atol=1e-6)
 
 
 def test_save_load_roundtrip(student, tmp_path):

@@ -278,6 +278,7 @@ class SprintPipeline:
         width: int | None = None,
         latents: torch.Tensor | None = None,
         output_type: OutputType = "pil",
+        noise_scale: float = 1.0,
     ) -> SprintOutput:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -290,6 +291,9 @@ class SprintPipeline:
         # the models take w in float32: a float above its largest value would become inf there
         if not math.isfinite(w) or w < 0 or w > torch.finfo(torch.float32).max:
             raise UserError(f"guidance_scale must be a finite number >= 0 (within float32), got {guidance_scale!r}")
+        if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or not (
+                math.isfinite(noise_scale) and noise_scale > 0):
+            raise UserError(f"noise_scale must be a finite number > 0, got {noise_scale!r}")
         height, width = self._size(height, width)
         schedule = self._schedule(steps, timesteps)
 
@@ -308,6 +312,8 @@ class SprintPipeline:
             if tuple(latents.shape) != shape:
                 raise UserError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
             noise = latents.to(device, torch.float32)
+        if noise_scale != 1.0:  # a sampling temperature: the initial noise (drawn or given) times noise_scale
+            noise = noise * float(noise_scale)
 
         if self.kind == "student":
             x0 = self._sample_student(noise * sd, schedule, embeds, mask, w, gens)

@@ -343,7 +343,8 @@ def _score_batch(state: dict, detector, metas: list[dict], images: list[np.ndarr
 def evaluate(pipe, records: Sequence[dict], steps: int | None = None, guidance: float | None = None, seed: int = 0,
              images_per_prompt: int = 4, batch: int = 32, timesteps: Sequence[float] | None = None, fd: bool = False,
              save_dir=None, *, indices: Sequence[int] | None = None, fd_net=None, fd_reference: int = DEFAULT_FD_REFERENCE,
-             cache_dir=None, detector=None, results: list | None = None, grid_path=None, progress: bool = True) -> dict:
+             cache_dir=None, detector=None, results: list | None = None, grid_path=None, progress: bool = True,
+             noise_scale: float = 1.0) -> dict:
     """Generate ``images_per_prompt`` images per record with ``pipe`` and score them.
 
     Returns ``{"overall", "tasks", "n_images", ["fd_shapes"], "steps", "guidance", "seed", "timesteps", "wall_s"}``
@@ -351,7 +352,8 @@ def evaluate(pipe, records: Sequence[dict], steps: int | None = None, guidance: 
     ``indices``: each record's prompt number for seeds and folder names (default 0..n-1).
     ``fd``: also FD_shapes against ``fd_reference`` ground-truth renders (``fd_net``: a loaded net or its folder).
     ``save_dir``: also write GenEval's folder layout there. ``results``: receives one row per image.
-    ``grid_path``: a PNG of the first images with their prompts.
+    ``grid_path``: a PNG of the first images with their prompts. ``noise_scale``: the pipeline's sampling
+    temperature (initial noise times it; 1 = the plain sampler), recorded in the result when not 1.
     """
     import torch
     from tqdm.auto import tqdm
@@ -384,7 +386,8 @@ def evaluate(pipe, records: Sequence[dict], steps: int | None = None, guidance: 
             chunk = jobs[start:start + batch]
             gens = [torch.Generator().manual_seed(sample_seed(seed, indices[j], k)) for j, k in chunk]
             out = pipe([records[j]["prompt"] for j, _ in chunk], steps=steps, timesteps=timesteps, guidance_scale=w,
-                       generator=gens, num_images_per_prompt=1, output_type="pil")
+                       generator=gens, num_images_per_prompt=1, output_type="pil",
+                       **({"noise_scale": noise_scale} if noise_scale != 1.0 else {}))
             images = [np.asarray(im.convert("RGB")) for im in out.images]
             _score_batch(state, detector, [records[j] for j, _ in chunk], images, [(indices[j], k) for j, k in chunk])
             if fd_acc is not None:
@@ -399,7 +402,7 @@ def evaluate(pipe, records: Sequence[dict], steps: int | None = None, guidance: 
         bar.close()
     result = _finish(state, fd_acc, t0, results, grid_path)
     return {**result, "steps": len(schedule) - 1, "guidance": w, "seed": int(seed),
-            "timesteps": [float(s) for s in schedule]}
+            "timesteps": [float(s) for s in schedule]} | ({"noise_scale": float(noise_scale)} if noise_scale != 1.0 else {})
 
 
 def _folder_items(root) -> list[tuple[int, dict, list[Path]]]:
@@ -482,6 +485,9 @@ def eval_command(p: argparse.ArgumentParser):
     p.add_argument("--save-images", default=None, metavar="DIR", help="also write GenEval's folder layout to DIR")
     p.add_argument("--images", default=None, metavar="DIR", help="score this GenEval-layout folder instead of a model")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--noise-scale", type=float, default=1.0,
+                   help="sampling temperature: the initial noise times this (default 1, the plain sampler; < 1 trades "
+                        "diversity and FD for prompt adherence, as truncation in GANs)")
     p.add_argument("--fast", default="off", choices=("off", "exact", "auto", "linear", "mixed", "all"),
                    help="sample through sana_sprint.fast's inference paths, as serve / bench do: exact = the fp32 "
                         "fast paths, auto / linear / mixed / all = with that bf16 mode (default: off, the plain "
@@ -496,6 +502,8 @@ def eval_command(p: argparse.ArgumentParser):
         if args.fd and args.fd_reference < 2:
             raise UserError(f"--fd-reference must be >= 2, got {args.fd_reference}")
         check_guidance(args.guidance)
+        if not (math.isfinite(args.noise_scale) and args.noise_scale > 0):
+            raise UserError(f"--noise-scale must be a finite number > 0, got {args.noise_scale}")
         timesteps = parse_timesteps(args.timesteps)
         fd_net = load_fd_net(args.fd_net) if args.fd else None  # fail before any generation
         grid = out.with_suffix(".png")
@@ -505,7 +513,8 @@ def eval_command(p: argparse.ArgumentParser):
         if args.images is not None:
             given = [f"--{n.replace('_', '-')}" for n in ("model", "steps", "timesteps", "guidance", "prompts", "save_images",
                                                           "sampler")
-                     if getattr(args, n) is not None] + (["--fast"] if args.fast != "off" else [])
+                     if getattr(args, n) is not None] + (["--fast"] if args.fast != "off" else []) + (
+                     ["--noise-scale"] if args.noise_scale != 1.0 else [])
             if given:
                 raise UserError(f"--images scores an existing folder; it cannot be combined with {', '.join(given)}")
             result = evaluate_folder(args.images, limit=args.limit, **common)
@@ -539,7 +548,7 @@ def eval_command(p: argparse.ArgumentParser):
                 pipe = optimize_pipeline(pipe, bf16="off" if args.fast == "exact" else args.fast)
             result = evaluate(pipe, [records[i] for i in keep], steps=args.steps, guidance=args.guidance, seed=args.seed,
                               images_per_prompt=args.images_per_prompt, batch=args.batch, timesteps=timesteps,
-                              save_dir=save_dir, indices=keep, **common)
+                              save_dir=save_dir, indices=keep, noise_scale=args.noise_scale, **common)
             result = {**result, "model": str(folder), "kind": pipe.kind, "sampler": sampler_name(pipe)}
             if args.fast != "off":
                 result["fast"] = describe(pipe)
