@@ -386,8 +386,7 @@ def evaluate(pipe, records: Sequence[dict], steps: int | None = None, guidance: 
             chunk = jobs[start:start + batch]
             gens = [torch.Generator().manual_seed(sample_seed(seed, indices[j], k)) for j, k in chunk]
             out = pipe([records[j]["prompt"] for j, _ in chunk], steps=steps, timesteps=timesteps, guidance_scale=w,
-                       generator=gens, num_images_per_prompt=1, output_type="pil",
-                       **({"noise_scale": noise_scale} if noise_scale != 1.0 else {}))
+                       generator=gens, num_images_per_prompt=1, output_type="pil", noise_scale=noise_scale)
             images = [np.asarray(im.convert("RGB")) for im in out.images]
             _score_batch(state, detector, [records[j] for j, _ in chunk], images, [(indices[j], k) for j, k in chunk])
             if fd_acc is not None:
@@ -401,8 +400,11 @@ def evaluate(pipe, records: Sequence[dict], steps: int | None = None, guidance: 
     finally:
         bar.close()
     result = _finish(state, fd_acc, t0, results, grid_path)
-    return {**result, "steps": len(schedule) - 1, "guidance": w, "seed": int(seed),
-            "timesteps": [float(s) for s in schedule]} | ({"noise_scale": float(noise_scale)} if noise_scale != 1.0 else {})
+    result = {**result, "steps": len(schedule) - 1, "guidance": w, "seed": int(seed),
+              "timesteps": [float(s) for s in schedule]}
+    if noise_scale != 1.0:
+        result["noise_scale"] = float(noise_scale)
+    return result
 
 
 def _folder_items(root) -> list[tuple[int, dict, list[Path]]]:
