@@ -10,7 +10,9 @@
 # train-teacher config (e.g. init, cache CACHE_DIR; NPAIRS=0 skips the pairs). Every run gets max_minutes =
 # what is left of TOTAL_SECONDS (minus MARGIN seconds for export) when it starts. Results: for each run,
 # $OUT/<name>.tar = export/transformer + export/sprint_config.json + metrics.jsonl + config.json, <name> the
-# folder above the config's export folder. Made for the `device` tool (PYTHONPATH with the carried diffusers
+# folder above the config's export folder. SEEDS="0 1 2 3" runs every config once per seed, side by side (out and
+# export become <out>-s<seed> and <out>-s<seed>/export), for a weight average of the exports afterwards
+# (scripts/weight_average.py; docs/results.md "Session 17"). Made for the `device` tool (PYTHONPATH with the carried diffusers
 # wheel); any CUDA machine works.
 set -u
 if [ $# -lt 3 ]; then
@@ -47,12 +49,19 @@ fi
 MARGIN=${MARGIN:-60}
 pids=(); names=(); outs=(); exports=()
 for cfg in "$@"; do
-  read -r cmd out exp < <(describe "$cfg") || exit 2
-  name=$(basename "$(dirname "$exp")")
-  mins=$($PY -c "print(max(0.5, ($(left) - $MARGIN) / 60))")
-  echo "[$(($(date +%s)-T0)) s] start $name ($cmd) for $mins min"
-  $PY -m sana_sprint.cli "$cmd" --config "$cfg" --max-minutes "$mins" > "$OUT/$name.log" 2>&1 &
-  pids+=($!); names+=("$name"); outs+=("$out"); exports+=("$exp")
+  read -r cmd out0 exp0 < <(describe "$cfg") || exit 2
+  for seed in ${SEEDS:--}; do
+    out=$out0; exp=$exp0; extra=()
+    if [ "$seed" != "-" ]; then
+      out=$out0-s$seed; exp=$out/$(basename "$exp0")
+      extra=(--seed "$seed" --out "$out" --export "$exp")
+    fi
+    name=$(basename "$(dirname "$exp")")
+    mins=$($PY -c "print(max(0.5, ($(left) - $MARGIN) / 60))")
+    echo "[$(($(date +%s)-T0)) s] start $name ($cmd${extra[*]:+ ${extra[*]}}) for $mins min"
+    $PY -m sana_sprint.cli "$cmd" --config "$cfg" --max-minutes "$mins" "${extra[@]}" > "$OUT/$name.log" 2>&1 &
+    pids+=($!); names+=("$name"); outs+=("$out"); exports+=("$exp")
+  done
 done
 for i in "${!pids[@]}"; do
   wait "${pids[$i]}"; rc=$?
