@@ -12,33 +12,10 @@
 #   bash scripts/student_v11.sh            # STOP=N replaces every run's step count; ROOT= another output folder
 #                                          # (a smoke run: STOP=2 ROOT=runs/v11_smoke; runs resume from ROOT's checkpoints)
 set -eu
-PY=${PY:-.venv/bin/python}
-BIN=$(dirname "$PY")
-V10=runs/student_v10/models/shapes-sprint
-PAIRS=runs/pairs/v6_20_4k
+START=bb457fb
 ROOT=${ROOT:-runs/v11}
-T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-
-if [ ! -f "$V10/sprint_config.json" ]; then
-  mkdir -p runs/student_v10
-  git archive bb457fb models/shapes-sprint | tar -x -C runs/student_v10
-fi
-OMP_NUM_THREADS=1 "$BIN/sana-sprint" distill --config configs/shapes-distill-v9-cpu.json --prepare-only
-if [ ! -f "$PAIRS/pairs-00007.pt" ]; then
-  OMP_NUM_THREADS=1 "$PY" scripts/teacher_pairs.py --teacher models/shapes-teacher --cache runs/cache/shapes-12000-r64 \
-    --n 4096 --shard 512 --out "$PAIRS"
-fi
-stamp "v10, cache and pairs ready"
-
-run() {  # run NAME STEPS [extra flags...]
-  local name=$1 steps=${STOP:-$2}
-  shift 2
-  OMP_NUM_THREADS=1 "$BIN/sana-sprint" distill --config configs/shapes-distill-v9-cpu.json --student-init "$V10" \
-    --out "$ROOT/$name" --export "$ROOT/$name/export" --stop-at "$steps" --no-progress "$@" \
-    > "$ROOT/$name.log" 2>&1
-}
-mkdir -p "$ROOT"
+. "$(dirname "$0")/student_cpu_soup.sh"
+prepare v10
 run ctl 1599 & p1=$!
 run l3 1599 --ladd-weight 3 & p2=$!
 wait $p1; wait $p2
