@@ -6,9 +6,6 @@ stored in the first folder's dtypes. The output is a copy of the first folder wi
 ``weight_average.json`` naming the sources and weights.
 
     python scripts/weight_average.py --out runs/soup runs/a/export runs/b/export runs/c/export [--weights 1,1,2]
-
-Negative weights extrapolate and need ``--allow-negative``: ``--weights 1.5,-0.5 --allow-negative NEW OLD`` is
-NEW + 0.5 (NEW - OLD), a step past NEW along the line from OLD (docs/results.md "Session 18": it lost).
 """
 
 from __future__ import annotations
@@ -22,15 +19,13 @@ from pathlib import Path
 WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 
 
-def average(states: list[dict], weights: list[float] | None = None, allow_negative: bool = False) -> dict:
+def average(states: list[dict], weights: list[float] | None = None) -> dict:
     """sum_i w_i state_i / sum_i w_i per parameter (float64), in the first state's dtypes."""
     if len(states) < 2:
         raise ValueError(f"need at least two weight sets, got {len(states)}")
     w = [1.0] * len(states) if weights is None else [float(x) for x in weights]
-    if len(w) != len(states) or sum(w) <= 0:
-        raise ValueError(f"need one weight per folder with a positive sum, got {weights}")
-    if not allow_negative and any(x < 0 for x in w):
-        raise ValueError(f"negative weights extrapolate; pass --allow-negative if that is meant, got {weights}")
+    if len(w) != len(states) or any(x < 0 for x in w) or sum(w) <= 0:
+        raise ValueError(f"need one weight >= 0 per folder with a positive sum, got {weights}")
     keys = set(states[0])
     for i, s in enumerate(states[1:], 1):
         if set(s) != keys:
@@ -46,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folders", nargs="+", help="student folders (the first one is copied for everything else)")
     ap.add_argument("--weights", default=None, help="comma-separated mixing weights (default: equal)")
-    ap.add_argument("--allow-negative", action="store_true", help="accept negative weights (extrapolation)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -68,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import load_file, save_file
 
     try:
-        avg = average([load_file(Path(f) / WEIGHTS) for f in args.folders], weights, args.allow_negative)
+        avg = average([load_file(Path(f) / WEIGHTS) for f in args.folders], weights)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -27,10 +27,10 @@ def _folder(root: Path, name: str, state: dict) -> Path:
     return f
 
 
-@pytest.mark.parametrize("weights", [None, [1.0, 2.0, 0.5], [1.5, 0.0, -0.5]])
+@pytest.mark.parametrize("weights", [None, [1.0, 2.0, 0.5]])
 def test_weighted_mean_matches_float64(weights):
     states = [_state(i) for i in range(3)]
-    got = weight_average.average(states, weights, allow_negative=True)
+    got = weight_average.average(states, weights)
     w = [1.0, 1.0, 1.0] if weights is None else weights
     for k in states[0]:
         ref = sum(torch.tensor(wi, dtype=torch.float64) * s[k].double() for wi, s in zip(w, states)) / sum(w)
@@ -54,22 +54,8 @@ def test_cli_writes_a_full_folder_and_refuses_mistakes(tmp_path, capsys):
     c = _folder(tmp_path, "c", other)
     for args, msg in [([str(a), str(c)], "other parameters"), ([str(a)], "at least two"),
                       ([str(a), str(tmp_path / "nope")], "no transformer"), ([str(a), str(b), "--weights", "1,x"], "--weights"),
-                      ([str(a), str(b), "--weights", "1,2,3"], "one weight"),
-                      ([str(a), str(b), "--weights", "1.5,-0.5"], "--allow-negative"),
-                      ([str(a), str(b), "--weights", "1,-1", "--allow-negative"], "positive sum")]:
+                      ([str(a), str(b), "--weights", "1,2,3"], "one weight")]:
         assert weight_average.main([*args, "--out", str(tmp_path / "o2")]) == 2
         assert msg in capsys.readouterr().err
     assert weight_average.main([str(a), str(b), "--out", str(a)]) == 2  # never overwrite an input
     assert weight_average.main([str(a), str(b), "--out", str(tmp_path)]) == 2  # nor a folder it did not write
-
-
-def test_cli_extrapolates_with_allow_negative(tmp_path):
-    new, old = _state(0), _state(1)
-    a, b = _folder(tmp_path, "new", new), _folder(tmp_path, "old", old)
-    out = tmp_path / "ex"
-    assert weight_average.main([str(a), str(b), "--weights", "1.5,-0.5", "--allow-negative", "--out", str(out)]) == 0
-    got = load_file(out / weight_average.WEIGHTS)
-    for k in new:  # NEW + 0.5 (NEW - OLD), in float64, then NEW's dtype
-        ref = new[k].double() + 0.5 * (new[k].double() - old[k].double())
-        torch.testing.assert_close(got[k], ref.to(new[k].dtype), rtol=0, atol=0)
-    assert json.loads((out / "weight_average.json").read_text())["weights"] == [1.5, -0.5]
