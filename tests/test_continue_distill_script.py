@@ -80,7 +80,10 @@ def test_one_run_per_config_without_seeds(work):
 def test_seeds_start_one_run_per_seed_with_own_folders(work):
     calls = run(work, SEEDS="3 7")
     assert len(calls) == 2
-    for seed, call in zip(("3", "7"), calls):
+    # The runs start side by side and --max-minutes shrinks with the clock, so match each call to its seed.
+    by_seed = {call.split("--seed ")[1].split()[0]: call for call in calls}
+    assert sorted(by_seed) == ["3", "7"]
+    for seed, call in sorted(by_seed.items()):
         assert call.endswith(f"--seed {seed} --out runs/c-s{seed} --export runs/c-s{seed}/export")
         names, weight = read_tar(work / "o" / f"c-s{seed}.tar")
         assert "export/transformer/w.bin" in names and "metrics.jsonl" in names
