@@ -12,8 +12,8 @@
 # $OUT/<name>.tar = export/transformer + export/sprint_config.json + metrics.jsonl + config.json, <name> the
 # folder above the config's export folder. SEEDS="0 1 2 3" runs every config once per seed, side by side (out and
 # export become <out>-s<seed> and <out>-s<seed>/export), for a weight average of the exports afterwards
-# (scripts/weight_average.py; docs/results.md "Session 18"; score each export alone first, "Session 19"). Made for the `device` tool (PYTHONPATH with the carried diffusers
-# wheel); any CUDA machine works.
+# (scripts/weight_average.py; docs/results.md "Session 18"; score each export alone first, "Session 19").
+# Made for the `device` tool (PYTHONPATH with the carried diffusers wheel); any CUDA machine works.
 set -u
 if [ $# -lt 3 ]; then
   echo "usage: $0 PACKED.npz TOTAL_SECONDS RUN.json [RUN.json ...]" >&2
