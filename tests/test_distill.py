@@ -88,6 +88,27 @@ def test_g_step_updates_student_only_and_d_step_heads_only(teacher_folder, text_
     assert not changed(te, snap(method.teacher))
 
 
+def test_freeze_keeps_the_named_parameters_fixed(teacher_folder, text_encoder):
+    prefix = "time_embed.timestep_embedder"
+    method = _method(teacher_folder, text_encoder, loss="both", freeze=[prefix])
+    trainable = {id(p) for g in method.opt_g.param_groups for p in g["params"]}
+    named = dict(method.student.transformer.named_parameters())
+    frozen = {k for k in named if k.startswith(prefix)}
+    assert frozen and all((id(named[k]) in trainable) == (k not in frozen) for k in named)
+    stepper = Stepper(method.optimizers(), {}, method.cfg.grad_clip, "cpu")
+    x0, e, m = method.prepare_batch(train_batch(text_encoder))
+    before = {k: v.detach().clone() for k, v in named.items()}
+    for step in range(2):
+        assert method.generator_step(x0, e, m, step, stepper)["skipped_g"] == 0
+    moved = {k for k in named if not torch.equal(before[k], named[k].detach())}
+    assert not moved & frozen and moved  # the rest trains
+    with pytest.raises(ConfigError, match="matches no student parameter"):
+        _method(teacher_folder, text_encoder, freeze=["time_embed.nope"])
+    for bad in ([""], "time_embed", [3]):
+        with pytest.raises(ConfigError, match="freeze"):
+            DistillConfig(out="unused", freeze=bad).validate()
+
+
 def _batches(te):
     b = train_batch(te)
     while True:

@@ -150,6 +150,10 @@ class DistillConfig(TrainerConfig):
     # blocks of mean((phi(x0_hat) - phi(x0_T))^2) / mean(phi(x0_T)^2), both re-noised at one s_D ~ the LADD
     # discriminator times with the same noise (losses/ladd.py feature_regression_loss)
     regress_features: float = 0.0
+    # student parameters kept fixed: every parameter whose name (SanaTransformer2DModel's) starts with one of these
+    # prefixes, e.g. ["time_embed.timestep_embedder"] (a continuation that re-codes the 1-step time's embedding can
+    # leave the basin a weight average needs, docs/results.md "Session 19"); each prefix must match a parameter
+    freeze: list[str] = dataclasses.field(default_factory=list)
 
     def validate(self) -> None:
         super().validate()
@@ -184,6 +188,10 @@ class DistillConfig(TrainerConfig):
         if self.ema_decay and self.controlnet:
             raise ConfigError("ema_decay: not supported with controlnet (--controlnet) yet; leave it at 0")
         _non_negative(self, "regress_weight", "regress_batch", "regress_features")
+        if not isinstance(self.freeze, list) or not all(isinstance(x, str) and x for x in self.freeze):
+            raise ConfigError(f"freeze: a list of parameter-name prefixes (non-empty strings), got {self.freeze!r}")
+        if self.freeze and self.controlnet:
+            raise ConfigError("freeze: not supported with controlnet (--controlnet); control_train picks what trains")
         if bool(self.pairs) != (self.regress_weight > 0 or self.regress_features > 0):
             raise ConfigError("pairs / regress_weight / regress_features: the regression terms need both a pairs "
                               "folder and a weight > 0")
@@ -296,6 +304,13 @@ class DistillMethod(Method):
             for name, p in student.named_parameters():
                 if name.startswith(GUIDANCE_EMBEDDER):
                     p.requires_grad_(False)  # stays at its zero output: the guidance input is ignored
+        for prefix in cfg.freeze:
+            hits = [p for name, p in student.named_parameters() if name.startswith(prefix)]
+            if not hits:
+                raise ConfigError(f"freeze: {prefix!r} matches no student parameter (names as in "
+                                  "SanaTransformer2DModel.named_parameters(), e.g. 'time_embed.timestep_embedder')")
+            for p in hits:
+                p.requires_grad_(False)
         self.teacher = TrigFlowTransformer(teacher.eval().requires_grad_(False))
         self.student = TrigFlowTransformer(student, logvar=True).to(self.device)
         # EMA of the student transformer (cfg.ema_decay > 0): what the sample grids show and the export writes
