@@ -1,7 +1,7 @@
 """Why does a weight average of two students break? Mix them one tensor group at a time and look.
 
 For each group of transformer tensors (the time embedding's parts, caption projection, input/output layers, the
-blocks' attention / feed-forward / norms), write BASE with that group alone replaced by the midpoint of BASE and
+blocks' attention / feed-forward), write BASE with that group alone replaced by the midpoint of BASE and
 OTHER, sample 1-step images and report their pixel standard deviation (a blank, washed-out image has a small one).
 Also reports how far OTHER and the full midpoint move the time embedding the student sees at 1 step (t = pi/2):
 the cosine of its hidden activation and of its output to BASE's. docs/results.md "Session 19" used it on v12 and a
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from weight_average import WEIGHTS, average
 
-WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 GROUPS = {
     "none": lambda k: False,
     "all": lambda k: True,
@@ -37,27 +37,27 @@ GROUPS = {
 }
 
 
-def mix(base: dict, other: dict, pick) -> dict:
-    """BASE with the tensors PICK selects replaced by the float64 midpoint of BASE and OTHER (BASE's dtypes)."""
-    return {k: ((v.double() + other[k].double()) / 2).to(v.dtype) if pick(k) else v for k, v in base.items()}
+def mix(base: dict, mid: dict, pick) -> dict:
+    """BASE with the tensors PICK selects taken from MID (the midpoint, weight_average.average([base, other]))."""
+    return {k: mid[k] if pick(k) else v for k, v in base.items()}
 
 
-def time_embedding(pipe, prompt: str) -> dict:
-    """The 1-step call's timestep-embedder hidden activation and time-embedding output (hooks on a real call)."""
+def sample(pipe, prompt: str, num: int) -> tuple[list, dict]:
+    """NUM 1-step images, and the call's timestep-embedder hidden activation and time-embedding output (hooks)."""
     got = {}
 
     def keep(key):
         def hook(module, inputs, output):  # returns None: the call's output is left alone
-            got[key] = inputs[0].detach().float().clone()
+            got[key] = inputs[0][:1].detach().float().clone()  # t and w are the same for every image
         return hook
 
     te = pipe.transformer.time_embed
     hooks = [te.timestep_embedder.linear_2.register_forward_hook(keep("hidden")), te.linear.register_forward_hook(keep("output"))]
     with torch.no_grad():
-        pipe(prompt, steps=1, seed=0)
+        images = pipe(prompt, steps=1, seed=0, num_images_per_prompt=num).images
     for h in hooks:
         h.remove()
-    return got
+    return images, got
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: no transformer weights: {e}", file=sys.stderr)
         return 2
-    if base.keys() != other.keys() or any(base[k].shape != other[k].shape for k in base):
-        print("error: the two folders hold other parameters or shapes", file=sys.stderr)
+    try:
+        mid = average([base, other])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     from sana_sprint.pipeline import SprintPipeline
 
@@ -86,15 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'midpoint on':45s} pixel std")
     emb = {}
     for name, pick in GROUPS.items():
-        save_file(mix(base, other, pick), str(work / WEIGHTS))
-        pipe = SprintPipeline.from_pretrained(str(work), device="cpu")
-        if name in ("none", "all"):
-            emb[name] = time_embedding(pipe, args.prompt)
-        images = pipe(args.prompt, steps=1, seed=0, num_images_per_prompt=args.num).images
+        save_file(mix(base, mid, pick), str(work / WEIGHTS))
+        images, emb[name] = sample(SprintPipeline.from_pretrained(str(work), device="cpu"), args.prompt, args.num)
         std = float(np.stack([np.asarray(im.convert("RGB"), dtype=np.float64) for im in images]).std())
         print(f"{name:45s} {std:6.1f}", flush=True)
     save_file(other, str(work / WEIGHTS))
-    emb["other"] = time_embedding(SprintPipeline.from_pretrained(str(work), device="cpu"), args.prompt)
+    emb["other"] = sample(SprintPipeline.from_pretrained(str(work), device="cpu"), args.prompt, 1)[1]
     for name in ("other", "all"):
         print(f"time embedding at t = pi/2, {'OTHER' if name == 'other' else 'midpoint'} vs BASE: cosine hidden "
               f"{cos(emb[name]['hidden'], emb['none']['hidden']):.3f}, output {cos(emb[name]['output'], emb['none']['output']):.3f}")

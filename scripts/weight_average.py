@@ -4,8 +4,8 @@ Students continued from one model by different runs usually stay in one basin; t
 each of them. Not always: a run that drifted (rising regression loss, gradient-norm spikes) can leave it, and then
 even its mean with its own starting point draws blank images (docs/results.md "Session 19"), so score every
 ingredient alone and the soup before using it. Every folder must hold the same parameters with the same shapes;
-the mean is taken in float64 and stored in the first folder's dtypes. The output is a copy of the first folder with the weights replaced, plus
-``weight_average.json`` naming the sources and weights.
+the mean is taken in float64 and stored in the first folder's dtypes. The output is a copy of the first folder
+with the weights replaced, plus ``weight_average.json`` naming the sources and weights.
 
     python scripts/weight_average.py --out runs/soup runs/a/export runs/b/export runs/c/export [--weights 1,1,2]
 """

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import soup_probe  # noqa: E402
+import weight_average  # noqa: E402
 
 
 def _state(seed: int) -> dict:
@@ -24,7 +25,7 @@ def test_mix_replaces_only_the_picked_group_by_the_float64_midpoint():
     for name, picked in [("time_embed.timestep_embedder.linear_1", {"time_embed.timestep_embedder.linear_1.weight"}),
                          ("blocks: attn1", {"transformer_blocks.0.attn1.to_q.weight"}),
                          ("blocks: ff", {"transformer_blocks.0.ff.conv_inverted.weight"}), ("none", set()), ("all", set(a))]:
-        got = soup_probe.mix(a, b, soup_probe.GROUPS[name])
+        got = soup_probe.mix(a, weight_average.average([a, b]), soup_probe.GROUPS[name])
         for k in a:
             assert got[k].dtype == a[k].dtype
             ref = ((a[k].double() + b[k].double()) / 2).to(a[k].dtype) if k in picked else a[k]
