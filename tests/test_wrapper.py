@@ -178,3 +178,41 @@ def test_student_equals_teacher_at_init():
 def test_make_student_rejects_student():
     with pytest.raises(ValueError):
         make_student(tiny_transformer(guidance_embeds=True))
+
+
+def _fp32_warnings(fn):
+    """Run fn with a handler on diffusers' modeling logger; return the float32-cast warnings it logged."""
+    import logging
+
+    seen: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            if "should be kept in float32" in record.getMessage():
+                seen.append(record.getMessage())
+
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    handler = Grab(level=logging.WARNING)
+    log.addHandler(handler)
+    try:
+        out = fn()
+    finally:
+        log.removeHandler(handler)
+    return out, seen
+
+
+def test_cast_model_casts_like_to_without_the_empty_fp32_warning():
+    from sana_sprint.models.presets import cast_model
+
+    model = tiny_transformer(guidance_embeds=False, seed=3)
+    ref = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    out, seen = _fp32_warnings(lambda: cast_model(model, "cpu", torch.bfloat16))
+    assert out is model and seen == []
+    assert all(v.dtype == torch.bfloat16 and torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+    # make_student casts the fresh student to the teacher's dtype the same way: no warning either
+    student, seen = _fp32_warnings(lambda: make_student(model))
+    assert seen == [] and next(student.parameters()).dtype == torch.bfloat16
+    # a class that does keep modules in float32 still goes through its own .to (and its warning)
+    model._keep_in_fp32_modules = ["proj_out"]
+    _, seen = _fp32_warnings(lambda: cast_model(model, torch.float32))
+    assert len(seen) == 1
