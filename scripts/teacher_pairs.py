@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/pairs/teacher20")
+    ap.add_argument("--shard-range", default="",
+                    help="START:END: make only shards START..END-1 (of the --n / --shard ones), so that several "
+                         "processes can fill one folder side by side; default all")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (the noise is drawn on the CPU either way)")
     ap.add_argument("--cached-text", action="store_true",
                     help="take the captions' embeddings from the cache instead of running the text encoder "
@@ -56,6 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"error: --guidance-scales must be comma-separated numbers, got {args.guidance_scales!r}", file=sys.stderr)
         return 2
+    shards = -(-args.n // args.shard)
+    first, last = 0, shards
+    if args.shard_range:
+        try:
+            first, last = (int(x) for x in args.shard_range.split(":"))
+        except ValueError:
+            print(f"error: --shard-range must be START:END (two integers), got {args.shard_range!r}", file=sys.stderr)
+            return 2
+        if not 0 <= first < last <= shards:
+            print(f"error: --shard-range {args.shard_range}: need 0 <= START < END <= {shards} (the number of shards)",
+                  file=sys.stderr)
+            return 2
     if not Path(args.teacher).is_dir():
         print(f"error: no teacher folder at {args.teacher}", file=sys.stderr)
         return 2
@@ -80,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    shards = -(-args.n // args.shard)
     meta = {"teacher": str(args.teacher), "cache": str(args.cache), "steps": args.steps, "guidance_scales": scales,
             "seed": args.seed, "shard": args.shard, "shards": shards, "flow_shift": pipe.config.get("flow_shift"),
             "text": "cache" if args.cached_text else "encoder"}
@@ -95,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     old.write_text(json.dumps(meta, indent=2) + "\n")
 
     shape = (int(pipe.transformer.config.in_channels), *ds.latent_shape[-2:])
-    bar = tqdm(total=shards * args.shard, desc="teacher pairs", unit="pair")
+    todo = range(first, last)
+    bar = tqdm(total=len(todo) * args.shard, desc="teacher pairs", unit="pair")
     t0 = time.perf_counter()
-    for k in range(shards):
+    for k in todo:
         path = out / f"pairs-{k:05d}.pt"
         if path.exists():
             bar.update(args.shard)
@@ -122,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.save({"noise": noise, "x0": x0, "caption_index": torch.from_numpy(cids), "w": w.float()}, tmp)
         tmp.replace(path)
     bar.close()
-    print(f"{shards * args.shard} pairs in {out} ({time.perf_counter() - t0:.0f} s this run)")
+    done = len(list(out.glob("pairs-*.pt")))
+    print(f"{len(todo) * args.shard} pairs (shards {first}..{last - 1}) in {out}, which holds {done} of {shards} shards "
+          f"({time.perf_counter() - t0:.0f} s this run)")
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SIZE, MAX_LENGTH, tiny_vae, train_batch
+from conftest import IMAGE_SIZE, MAX_LENGTH, save_tiny_pipeline, tiny_transformer, tiny_vae, train_batch
 from test_distill import _method
 
 from sana_sprint.data.latents import LatentDataset, build_latent_cache
@@ -23,6 +23,7 @@ from sana_sprint.training.distill import DistillConfig
 from sana_sprint.training.trainer import Stepper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import pairs_gap  # noqa: E402
 import teacher_pairs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,6 +72,40 @@ def test_pairs_rerun_skips_done_shards_and_refuses_other_settings(pairs_folder, 
     with pytest.raises(UserError, match="no teacher pairs"):
         TeacherPairs(out.parent)
 
+
+
+def test_shard_ranges_made_apart_equal_the_folder_made_at_once(pairs_folder, tmp_path, capsys):
+    """--shard-range: two processes filling one folder side by side write exactly the shards of a single run."""
+    out, args = pairs_folder
+    split = tmp_path / "split"
+    base = [a if a != str(out) else str(split) for a in args]
+    assert teacher_pairs.main([*base, "--shard-range", "1:2"]) == 0
+    assert [p.name for p in split.glob("pairs-*.pt")] == ["pairs-00001.pt"]
+    assert teacher_pairs.main([*base, "--shard-range", "0:1"]) == 0
+    for name in ("pairs-00000.pt", "pairs-00001.pt"):
+        a, b = (torch.load(d / name, weights_only=True) for d in (out, split))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for bad in ("1:1", "0:3", "x", "2:1"):
+        assert teacher_pairs.main([*base, "--shard-range", bad]) == 2
+        assert "--shard-range" in capsys.readouterr().err
+
+
+def test_pairs_gap_is_the_per_pair_1_step_mse_of_the_student(pairs_folder, tmp_path, text_encoder):
+    out, _ = pairs_folder
+    folder = save_tiny_pipeline(tmp_path / "student", text_encoder, tiny_transformer(guidance_embeds=True, seed=8),
+                                kind="student", vae_seed=6)
+    pipe = SprintPipeline.from_pretrained(folder)
+    mean, se, n = pairs_gap.pairs_mse(pipe, out, n=11, batch=4)  # batches of 4 with mixed w, a partial last one
+    pairs = TeacherPairs(out)
+    cache = LatentDataset(pairs.meta["cache"])
+    ref = []
+    for i in range(11):  # one pair at a time through the public pipeline, float64 error
+        x = pipe(cache.captions[int(pairs.caption_index[i])], steps=1, guidance_scale=float(pairs.w[i]),
+                 latents=pairs.noise[i:i + 1], output_type="latent").latents
+        ref.append(float((x.double() - pairs.x0[i:i + 1].double()).square().mean()))
+    assert n == 11 and mean == pytest.approx(np.mean(ref), rel=1e-4)
+    assert se == pytest.approx(np.std(ref, ddof=1) / np.sqrt(11), rel=1e-3) and mean > 0
+    assert pairs_gap.main(["--model", str(out.parent), str(out)]) == 2  # not a pipeline folder: an error, no trace
 
 def test_regress_settings_are_checked():
     for bad in ({"pairs": "x"}, {"regress_weight": 1.0}, {"pairs": "x", "regress_weight": -1.0}, {"loss": "regress"}):
