@@ -309,7 +309,7 @@ def check_compatible(
 def _place(model, dtype, device):
     if device is not None:
         model = model.to(device)
-    return presets.cast_model(model, dtype) if dtype is not None else model
+    return model.to(dtype) if dtype is not None else model
 
 
 def load_transformer(folder, dtype: torch.dtype | None = torch.float32, device=None):

@@ -16,19 +16,6 @@ QK_NORM = "rms_norm_across_heads"
 GUIDANCE_EMBEDS_SCALE = 0.1  # student sees guidance = 0.1 * w (SANA-Sprint CFG embedding)
 
 
-def cast_model(model: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
-    """``model.to(*args, **kwargs)`` without diffusers' spurious float32 warning.
-
-    diffusers' ``ModelMixin.to`` warns "There are modules in ... that should be kept in float32: []" on every
-    dtype cast, even for a class that keeps no module in float32 (the list is empty). For such a class this
-    casts through :meth:`torch.nn.Module.to` (the same parameters and buffers result); a class that does keep
-    modules in float32 (a non-empty ``_keep_in_fp32_modules``) goes through its own ``to`` and keeps the warning.
-    """
-    if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "is_quantized", False):
-        return model.to(*args, **kwargs)
-    return torch.nn.Module.to(model, *args, **kwargs)
-
-
 def _sana(
     *,
     latent_channels: int,
@@ -174,7 +161,7 @@ def make_student(teacher: SanaTransformer2DModel) -> SanaTransformer2DModel:
     if teacher.config.guidance_embeds:
         raise ValueError("make_student expects a teacher without guidance embeddings")
     param = next(teacher.parameters())
-    student = cast_model(SanaTransformer2DModel(**student_from_teacher_config(teacher.config)), param.device, param.dtype)
+    student = SanaTransformer2DModel(**student_from_teacher_config(teacher.config)).to(param.device, param.dtype)
     state = {student_key(k): v for k, v in teacher.state_dict().items()}
     target = student.state_dict()
     unexpected = sorted(set(state) - set(target))

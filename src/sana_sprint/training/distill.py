@@ -60,7 +60,7 @@ from ..errors import ModelFolderError, UserError
 from ..losses import ladd as ladd_lib
 from ..losses import scm as scm_lib
 from ..models.discriminator import Discriminator, feature_blocks
-from ..models.presets import cast_model, make_student
+from ..models.presets import make_student
 from ..models.wrapper import TrigFlowTransformer
 from ..sampling import consistency, randn
 from ..timesteps import DEFAULT_SCHEDULES, LADD_P_MEAN, LADD_P_STD, SCM_P_MEAN, SCM_P_STD, lognormal_trig_time
@@ -626,7 +626,7 @@ class DistillMethod(Method):
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         trained = self.student.transformer if self.ema is None else self.ema.shadow
-        student = cast_model(copy.deepcopy(trained), "cpu", dtype)
+        student = copy.deepcopy(trained).to("cpu", dtype)
         student.save_pretrained(tmp / "transformer", safe_serialization=True)
         config = json.loads((self.teacher_dir / SPRINT_CONFIG).read_text())
         if self.control_train is not None:  # Sprint-ControlNet: the student's ControlNet next to its base

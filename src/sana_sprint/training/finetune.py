@@ -80,7 +80,7 @@ def convert_legacy_teacher(transformer, *, dense_time: bool = True, qk_norm: boo
     import torch
     from diffusers import SanaTransformer2DModel
 
-    from ..models.presets import cast_model, init_kwargs
+    from ..models.presets import init_kwargs
 
     scale, norm = legacy_settings(transformer.config)
     changes: dict[str, Any] = {}
@@ -96,7 +96,7 @@ def convert_legacy_teacher(transformer, *, dense_time: bool = True, qk_norm: boo
     config = init_kwargs(transformer.config)
     config.update(changes)
     param = next(transformer.parameters())
-    new = cast_model(SanaTransformer2DModel(**config), param.device, param.dtype)
+    new = SanaTransformer2DModel(**config).to(param.device, param.dtype)
     old_state = transformer.state_dict()
     target = new.state_dict()
     missing = sorted(set(target) - set(old_state))
@@ -126,7 +126,6 @@ def load_legacy_folder(folder: str | Path):
     import torch
     from diffusers import AutoencoderDC, SanaTransformer2DModel
 
-    from ..models.presets import cast_model
     from ..pipeline import LOCAL_TEXT_ENCODER, PACKAGE_ENCODERS, check_folder
 
     folder = Path(folder)
@@ -138,7 +137,7 @@ def load_legacy_folder(folder: str | Path):
     transformer = SanaTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32)
     if transformer.config.guidance_embeds:
         raise ModelFolderError(f"{folder}: the transformer has guidance embeddings (a student?), not a teacher")
-    vae = cast_model(AutoencoderDC.from_pretrained(folder / "vae"), torch.float32).eval().requires_grad_(False)
+    vae = AutoencoderDC.from_pretrained(folder / "vae").to(torch.float32).eval().requires_grad_(False)
     spec = sprint.get("text_encoder", LOCAL_TEXT_ENCODER)
     te_spec = spec if spec in PACKAGE_ENCODERS else str(folder)
     return transformer, vae, sprint, te_spec

@@ -146,9 +146,7 @@ def unsharded_copy(module: nn.Module, keep: bool = True) -> nn.Module | None:
     if config is None or not hasattr(cls, "from_config"):
         raise TypeError(f"unsharded_copy: {cls.__name__} is not a diffusers model (no config to rebuild it from)")
     first = next(iter(state.values()))
-    from ..models.presets import cast_model
-
-    copy = cast_model(cls.from_config(config), first.device, first.dtype)
+    copy = cls.from_config(config).to(first.device, first.dtype)
     copy.load_state_dict(state, strict=True)
     return copy.train(module.training)
 

@@ -265,7 +265,7 @@ class TeacherMethod(Method):
             "max_sequence_length": self.cfg.max_length,
         }
         vae = copy.deepcopy(self.vae).to("cpu", torch.float16)
-        SprintPipeline(te, presets.cast_model(transformer, torch.float16), vae, config).save_pretrained(out_dir)
+        SprintPipeline(te, transformer.to(torch.float16), vae, config).save_pretrained(out_dir)
         return Path(out_dir)
 
 

@@ -248,9 +248,7 @@ def load_vae_weights(path) -> dict:
 
 def export_vae(vae, out: Path, scaling_factor: float) -> Path:
     """Save as a diffusers folder in fp16 safetensors, with the measured ``scaling_factor``."""
-    from sana_sprint.models.presets import cast_model
-
-    vae = cast_model(copy.deepcopy(vae), torch.float16)
+    vae = copy.deepcopy(vae).to(torch.float16)
     vae.register_to_config(scaling_factor=float(scaling_factor))
     vae.save_pretrained(out, safe_serialization=True)
     return Path(out)
