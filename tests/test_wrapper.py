@@ -178,3 +178,32 @@ def test_student_equals_teacher_at_init():
 def test_make_student_rejects_student():
     with pytest.raises(ValueError):
         make_student(tiny_transformer(guidance_embeds=True))
+
+
+def test_dtype_casts_log_no_empty_float32_warning():
+    """diffusers warns "should be kept in float32: []" on every ``.to(dtype)``; importing sana_sprint drops
+    exactly that (empty-list) message, and a class that does keep modules in float32 still warns."""
+    import logging
+
+    import sana_sprint  # noqa: F401  (installs the filter)
+
+    seen: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    handler = Grab(level=logging.WARNING)
+    log.addHandler(handler)
+    try:
+        model = tiny_transformer(guidance_embeds=False, seed=3)
+        model.to("cpu", torch.bfloat16)
+        student = make_student(model)
+        assert next(student.parameters()).dtype == torch.bfloat16
+        assert not [m for m in seen if "float32" in m]
+        model._keep_in_fp32_modules = ["proj_out"]
+        model.to(torch.float32)
+        assert len([m for m in seen if "should be kept in float32: ['proj_out']" in m]) == 1
+    finally:
+        log.removeHandler(handler)
