@@ -194,8 +194,9 @@ def test_dtype_casts_log_no_empty_float32_warning():
             seen.append(record.getMessage())
 
     log = logging.getLogger("diffusers.models.modeling_utils")
-    handler = Grab(level=logging.WARNING)
+    handler, level = Grab(level=logging.WARNING), log.level
     log.addHandler(handler)
+    log.setLevel(logging.WARNING)  # other code may have lowered diffusers' verbosity (set_verbosity_error)
     try:
         model = tiny_transformer(guidance_embeds=False, seed=3)
         model.to("cpu", torch.bfloat16)
@@ -207,3 +208,4 @@ def test_dtype_casts_log_no_empty_float32_warning():
         assert len([m for m in seen if "should be kept in float32: ['proj_out']" in m]) == 1
     finally:
         log.removeHandler(handler)
+        log.setLevel(level)
