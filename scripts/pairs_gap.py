@@ -23,22 +23,19 @@ def pairs_mse(pipe, folder: str | Path, n: int, batch: int = 64) -> tuple[float,
     """(mean, standard error, count) over the first ``n`` pairs of the per-pair latent MSE at 1 step."""
     import torch
 
-    from sana_sprint.data.latents import LatentDataset
     from sana_sprint.data.pairs import TeacherPairs
 
     pairs = TeacherPairs(folder)
-    captions = LatentDataset(pairs.meta["cache"]).captions
     n = min(n, len(pairs))
     per = torch.empty(n, dtype=torch.float64)
     for i in range(0, n, batch):
         idx = torch.arange(i, min(i + batch, n))
-        rows = pairs.batch(idx)
-        for wv in torch.unique(rows["w"]).tolist():  # one guidance scale per pipeline call
-            sel = torch.nonzero(rows["w"] == wv).flatten()
-            prompts = [captions[int(c)] for c in pairs.caption_index[idx[sel]]]
-            res = pipe(prompts, steps=1, guidance_scale=wv, latents=rows["noise"][sel], output_type="latent")
-            diff = res.latents.double().cpu() - rows["x0"][sel].double()
-            per[idx[sel]] = diff.square().flatten(1).mean(1)
+        for wv in torch.unique(pairs.w[idx]).tolist():  # one guidance scale per pipeline call
+            rows = idx[pairs.w[idx] == wv]
+            prompts = [pairs.captions[int(c)] for c in pairs.caption_index[rows]]
+            res = pipe(prompts, steps=1, guidance_scale=wv, latents=pairs.noise[rows], output_type="latent")
+            diff = res.latents.double().cpu() - pairs.x0[rows].double()
+            per[rows] = diff.square().flatten(1).mean(1)
     return float(per.mean()), float(per.std() / n**0.5) if n > 1 else 0.0, n
 
 

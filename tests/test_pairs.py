@@ -73,7 +73,6 @@ def test_pairs_rerun_skips_done_shards_and_refuses_other_settings(pairs_folder, 
         TeacherPairs(out.parent)
 
 
-
 def test_shard_ranges_made_apart_equal_the_folder_made_at_once(pairs_folder, tmp_path, capsys):
     """--shard-range: two processes filling one folder side by side write exactly the shards of a single run."""
     out, args = pairs_folder
@@ -106,6 +105,7 @@ def test_pairs_gap_is_the_per_pair_1_step_mse_of_the_student(pairs_folder, tmp_p
     assert n == 11 and mean == pytest.approx(np.mean(ref), rel=1e-4)
     assert se == pytest.approx(np.std(ref, ddof=1) / np.sqrt(11), rel=1e-3) and mean > 0
     assert pairs_gap.main(["--model", str(out.parent), str(out)]) == 2  # not a pipeline folder: an error, no trace
+
 
 def test_regress_settings_are_checked():
     for bad in ({"pairs": "x"}, {"regress_weight": 1.0}, {"pairs": "x", "regress_weight": -1.0}, {"loss": "regress"}):

@@ -37,6 +37,7 @@ class TeacherPairs:
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"{folder}: the pairs' latent cache is not usable: {e}") from None
         self._embeds, self._masks = cache.text_embeds, cache.text_masks
+        self.captions = cache.captions  # the unique captions, indexed by caption_index
         self.scaling_factor = cache.scaling_factor
         if int(self.caption_index.max()) >= len(self._embeds):
             raise UserError(f"{folder}: caption indices beyond the {len(self._embeds)} captions of {self.meta['cache']}")
