@@ -303,3 +303,26 @@ def test_stop_at_checkpoints_at_that_step_and_resume_matches_one_uninterrupted_r
     assert _equal_states(_snapshot(second), _snapshot(full))
     with pytest.raises(ConfigError, match="stop_at"):
         TrainerConfig(out="x", steps=10, stop_at=11).validate()
+
+
+def test_resume_with_an_earlier_stop_at_restores_that_checkpoint_not_the_newest(tmp_path, caplog):
+    # one run to step 30 with checkpoints at 10, 20, 30; a second run stopped at 20 from scratch is the reference
+    cfg = TrainerConfig(out=str(tmp_path / "a"), steps=30, progress=False, sample_every=0, ckpt_every=10)
+    Trainer(ToyMethod(), _data(), cfg).fit()
+    at20 = ToyMethod()
+    Trainer(at20, _data(), cfg.replace(out=str(tmp_path / "b"), stop_at=20)).fit()
+    again = ToyMethod()
+    with caplog.at_level("INFO", logger="sana_sprint.training.trainer"):
+        assert Trainer(again, _data(), cfg.replace(stop_at=20, resume=True)).fit() == 20
+    assert _equal_states(_snapshot(again), _snapshot(at20))
+    assert "restoring ckpt-0000020" in caplog.text and "ckpt-0000030" in caplog.text
+    names = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert names == ["ckpt-0000010", "ckpt-0000020", "ckpt-0000030"]  # nothing rewritten or pruned
+    # without stop_at the newest one still wins; a stop_at before every checkpoint starts fresh
+    later = ToyMethod()
+    assert Trainer(later, _data(), cfg.replace(resume=True)).fit() == 30
+    early = ToyMethod()  # (each method is made right before its run: a run draws from the global RNG)
+    assert Trainer(early, _data(), cfg.replace(resume=True, stop_at=5)).fit() == 5
+    ref5 = ToyMethod()
+    Trainer(ref5, _data(), cfg.replace(out=str(tmp_path / "c"), stop_at=5)).fit()
+    assert _equal_states(_snapshot(early), _snapshot(ref5))

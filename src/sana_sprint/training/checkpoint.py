@@ -52,10 +52,18 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint directory, or None."""
-    ckpts = list_checkpoints(ckpt_dir)
+def latest_checkpoint(ckpt_dir: str | Path, at_most: int | None = None) -> Path | None:
+    """The newest complete checkpoint directory (of step <= ``at_most`` when given), or None."""
+    ckpts = [p for p in list_checkpoints(ckpt_dir) if at_most is None or checkpoint_step(p) <= at_most]
     return ckpts[-1] if ckpts else None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step in a checkpoint directory's name (``ckpt-0001000`` -> 1000)."""
+    m = CKPT_RE.match(Path(path).name)
+    if not m:
+        raise ValueError(f"{path} is not a checkpoint directory name (ckpt-NNNNNNN)")
+    return int(m.group(1))
 
 
 # --- RNG state -------------------------------------------------------------------------------------

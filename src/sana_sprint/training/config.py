@@ -204,7 +204,9 @@ class TrainerConfig(ConfigBase):
     progress: bool = True  # tqdm bar
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time; 0 = no limit
-    stop_at: int = 0  # stop (with a checkpoint) at this step; schedules still run to `steps`; 0 = at `steps`
+    # stop (with a checkpoint) at this step; schedules still run to `steps`; 0 = at `steps`. With resume, the
+    # newest checkpoint at or before it is restored (so `--resume --stop-at N` exports step N of a longer run)
+    stop_at: int = 0
     # Recompute the transformer blocks of the trained networks in backward (less activation memory,
     # ~1 extra forward). Never active inside the sCM JVP (it runs under no_grad with checkpointing off).
     gradient_checkpointing: bool = False

@@ -446,7 +446,14 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        last = ckpt.latest_checkpoint(self.ckpt_dir) if cfg.resume else None
+        # with stop_at, resume from the newest checkpoint at or before it, so `--resume --stop-at N` restores
+        # (and exports) the step-N weights of a run that went further, instead of silently its last ones
+        last = ckpt.latest_checkpoint(self.ckpt_dir, at_most=cfg.stop_at or None) if cfg.resume else None
+        if last is not None and cfg.stop_at and self.is_main_process:
+            newest = ckpt.latest_checkpoint(self.ckpt_dir)
+            if newest != last:
+                logger.info("--resume with stop_at=%d: restoring %s (the newer %s is left as it is)",
+                            cfg.stop_at, last.name, newest.name)
         if self.dist.enabled:  # every rank resumes from the checkpoint the main process sees
             last = self.dist.gather_object(last)[0]
         if cfg.resume and last is None:
