@@ -3,10 +3,15 @@
 # The caller sets START (a commit) and ROOT, then calls `prepare NAME` (restores that commit's models/shapes-sprint
 # under runs/student_NAME, sets INIT to it, makes the latent cache and the 4,096 teacher-v6 pairs if missing) and
 # `run RUN STEPS [flags...]` (STOP=N replaces STEPS; output under $ROOT/RUN, log $ROOT/RUN.log).
+# CONFIG, CACHE, PAIRS and PAIRS_SHARD may be set before sourcing (defaults: the v9 CPU recipe on the uniform
+# shapes cache with 4,096 pairs); `pairs DIR SEED` makes another 4,096 teacher pairs from CACHE (two processes).
 set -eu
 PY=${PY:-.venv/bin/python}
 BIN=$(dirname "$PY")
-PAIRS=runs/pairs/v6_20_4k
+CONFIG=${CONFIG:-configs/shapes-distill-v9-cpu.json}
+CACHE=${CACHE:-runs/cache/shapes-12000-r64}
+PAIRS=${PAIRS:-runs/pairs/v6_20_4k}
+PAIRS_SHARD=${PAIRS_SHARD:-512}
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 
@@ -16,19 +21,26 @@ prepare() {  # prepare NAME: INIT = runs/student_NAME/models/shapes-sprint, rest
     mkdir -p "runs/student_$1"
     git archive "$START" models/shapes-sprint | tar -x -C "runs/student_$1"
   fi
-  OMP_NUM_THREADS=1 "$BIN/sana-sprint" distill --config configs/shapes-distill-v9-cpu.json --prepare-only
-  if [ ! -f "$PAIRS/pairs-00007.pt" ]; then
-    OMP_NUM_THREADS=1 "$PY" scripts/teacher_pairs.py --teacher models/shapes-teacher --cache runs/cache/shapes-12000-r64 \
-      --n 4096 --shard 512 --out "$PAIRS"
-  fi
+  OMP_NUM_THREADS=1 "$BIN/sana-sprint" distill --config "$CONFIG" --prepare-only
+  pairs "$PAIRS" 0
   mkdir -p "$ROOT"
   stamp "$1, cache and pairs ready"
+}
+
+pairs() {  # pairs DIR SEED: 4,096 teacher-v6 samples (20 steps) on CACHE's captions, two shard ranges side by side
+  local n=$(( 4096 / PAIRS_SHARD ))  # shards already in DIR are skipped (same seed, same draws)
+  local half=$(( n / 2 )) p1 p2
+  OMP_NUM_THREADS=1 "$PY" scripts/teacher_pairs.py --teacher models/shapes-teacher --cache "$CACHE" --n 4096 \
+    --shard "$PAIRS_SHARD" --seed "$2" --shard-range 0:$half --out "$1" > /dev/null 2>&1 & p1=$!
+  OMP_NUM_THREADS=1 "$PY" scripts/teacher_pairs.py --teacher models/shapes-teacher --cache "$CACHE" --n 4096 \
+    --shard "$PAIRS_SHARD" --seed "$2" --shard-range $half:$n --out "$1" > /dev/null 2>&1 & p2=$!
+  wait $p1; wait $p2
 }
 
 run() {  # run NAME STEPS [extra flags...]
   local name=$1 steps=${STOP:-$2}
   shift 2
-  OMP_NUM_THREADS=1 "$BIN/sana-sprint" distill --config configs/shapes-distill-v9-cpu.json --student-init "$INIT" \
+  OMP_NUM_THREADS=1 "$BIN/sana-sprint" distill --config "$CONFIG" --student-init "$INIT" \
     --out "$ROOT/$name" --export "$ROOT/$name/export" --stop-at "$steps" --no-progress "$@" \
     > "$ROOT/$name.log" 2>&1
 }

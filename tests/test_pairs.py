@@ -178,7 +178,7 @@ def test_cached_text_pairs_match_the_encoder_pairs_and_unknown_prompts_are_refus
     te = cache.text_encoder()
     e, m = te.encode([cache.captions[2].upper(), cache.captions[0]])  # prompts are preprocessed like the encoder's
     torch.testing.assert_close(e[0], torch.from_numpy(np.asarray(cache.text_embeds[2]).astype(np.float32)))
-    assert m.dtype == torch.long and torch.equal(m[1], torch.from_numpy(np.asarray(cache.text_masks[0])).long())
+    assert m.dtype == torch.long and torch.equal(m[1], torch.from_numpy(np.array(cache.text_masks[0])).long())
     with pytest.raises(UserError, match="not in the cache"):
         te.encode(["a prompt the cache never saw"])
     ne, nm = te.null_embedding()
