@@ -39,31 +39,24 @@ def checkpoint_name(step: int) -> str:
     return f"ckpt-{int(step):07d}"
 
 
-def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in ``ckpt_dir``, oldest first (``*.tmp`` leftovers are not checkpoints)."""
+def list_checkpoints(ckpt_dir: str | Path, at_most: int | None = None) -> list[Path]:
+    """Complete checkpoints in ``ckpt_dir`` (of step <= ``at_most`` when given), oldest first (``*.tmp``
+    leftovers are not checkpoints)."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         return []
     found = []
     for p in d.iterdir():
         m = CKPT_RE.match(p.name)
-        if m and p.is_dir() and (p / META_FILE).is_file():
+        if m and p.is_dir() and (p / META_FILE).is_file() and (at_most is None or int(m.group(1)) <= at_most):
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(ckpt_dir: str | Path, at_most: int | None = None) -> Path | None:
     """The newest complete checkpoint directory (of step <= ``at_most`` when given), or None."""
-    ckpts = [p for p in list_checkpoints(ckpt_dir) if at_most is None or checkpoint_step(p) <= at_most]
+    ckpts = list_checkpoints(ckpt_dir, at_most)
     return ckpts[-1] if ckpts else None
-
-
-def checkpoint_step(path: str | Path) -> int:
-    """The step in a checkpoint directory's name (``ckpt-0001000`` -> 1000)."""
-    m = CKPT_RE.match(Path(path).name)
-    if not m:
-        raise ValueError(f"{path} is not a checkpoint directory name (ckpt-NNNNNNN)")
-    return int(m.group(1))
 
 
 # --- RNG state -------------------------------------------------------------------------------------
