@@ -254,3 +254,66 @@ def test_feature_regression_enters_the_generator_loss_with_its_weight(pairs_fold
         DistillConfig(out="unused", regress_features=1.0).validate()
     with pytest.raises(ConfigError, match="regress_features"):
         DistillConfig(out="unused", pairs="x", regress_features=-1.0).validate()
+
+
+def _perturbed(method, seed: int = 3):
+    with torch.no_grad():  # a student that is not the teacher (the guidance embedding matters)
+        for p in method.student.parameters():
+            p.add_(0.02 * torch.randn_like(p, generator=torch.Generator().manual_seed(seed)))
+    return method
+
+
+def test_refine_loss_matches_a_float64_computation_and_stops_the_gradient_at_its_target(teacher_folder, text_encoder):
+    """refine = mean over samples of mean(((x0_hat - f(x_r, t_r)) / sd)^2), x_r = cos(t_r) x0_hat + sin(t_r) sd z,
+    f(x, t) = cos(t) x - sin(t) sd F(x / sd, t) of the student itself; the gradient reaches x0_hat only through the
+    first x0_hat (the target is a constant): d/dx0_hat = 2 (x0_hat - target) / (sd^2 D n)."""
+    method = _perturbed(_method(teacher_folder, text_encoder, refine_weight=1.0, refine_time=0.7))
+    b, sd = train_batch(text_encoder), method.sigma_data
+    n = b["embeds"].shape[0]
+    x0_hat = (sd * torch.randn(n, *method.latent_shape, generator=torch.Generator().manual_seed(8))).requires_grad_(True)
+    w = torch.tensor([4.0, 4.5, 5.0][:n])
+    loss = method.refine_loss(x0_hat, b["embeds"], b["mask"], w, torch.Generator().manual_seed(4))
+    loss.backward()
+
+    z = torch.randn(n, *method.latent_shape, generator=torch.Generator().manual_seed(4)).double()
+    t = torch.full((n,), 0.7, dtype=torch.float64)
+    c, si = math.cos(0.7), math.sin(0.7)
+    s64 = copy.deepcopy(method.student).double()
+    x64 = x0_hat.detach().double()
+    with torch.no_grad():
+        x_r = c * x64 + si * sd * z
+        target = c * x_r - si * sd * s64(x_r / sd, t, b["embeds"].double(), b["mask"], guidance=w.double())
+    ref = (((x64 - target) / sd) ** 2).flatten(1).mean(1).mean()
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    assert float(ref) > 1e-3
+    d = x64[0].numel()
+    torch.testing.assert_close(x0_hat.grad.double(), 2 * (x64 - target) / (sd**2 * d * n), rtol=1e-4, atol=1e-9)
+    assert all(p.grad is None for p in method.student.parameters())
+
+
+def test_refine_term_enters_the_generator_loss_with_its_weight_and_batch(teacher_folder, text_encoder):
+    """total = scm + ladd_weight * adv + refine_weight * refine; refine_batch may exceed the generator batch (captions
+    reused in turn); the 1-step outputs it refines come from the student's gradient forward."""
+    method = _perturbed(_method(teacher_folder, text_encoder, loss="both", refine_weight=3.0, refine_batch=5))
+    calls = []
+    real = method.refine_loss
+    method.refine_loss = lambda x0_hat, *a: calls.append(x0_hat) or real(x0_hat, *a)
+    x0, e, m = method.prepare_batch(train_batch(text_encoder))
+    method.gen.manual_seed(5)
+    method.disc.eval().requires_grad_(False)
+    terms = {}
+    total, logs = method.generator_loss(x0, e, m, 10, terms=terms)
+    (x0_hat,) = calls
+    assert x0_hat.shape == (5, *method.latent_shape) and x0_hat.requires_grad
+    assert logs["loss_refine"] == pytest.approx(float(terms["refine"]), rel=1e-6) and logs["loss_refine"] > 0
+    parts = terms["scm"] + method.cfg.ladd_weight * terms["adv"] + 3.0 * terms["refine"]
+    assert float(total.detach()) == pytest.approx(float(parts.detach()), rel=1e-6)
+    total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.student.parameters())
+
+
+@pytest.mark.parametrize("bad", [{"refine_time": 0.0}, {"refine_time": math.pi / 2}, {"refine_weight": -1.0},
+                                 {"refine_batch": -2}])
+def test_refine_settings_are_checked(bad):
+    with pytest.raises(ConfigError, match="refine"):
+        DistillConfig(out="unused", **{"refine_weight": 1.0, **bad}).validate()

@@ -64,7 +64,7 @@ from ..models.presets import make_student
 from ..models.wrapper import TrigFlowTransformer
 from ..sampling import consistency, randn
 from ..timesteps import DEFAULT_SCHEDULES, LADD_P_MEAN, LADD_P_STD, SCM_P_MEAN, SCM_P_STD, lognormal_trig_time
-from ..trigflow import SIGMA_DATA, consistency_fn
+from ..trigflow import SIGMA_DATA, consistency_fn, trigflow_noise
 from .config import ConfigError, TrainerConfig, _non_negative, _positive
 from .ema import EMA
 from .trainer import Method, Stepper, Trainer, resolve_device, seed_everything
@@ -150,6 +150,15 @@ class DistillConfig(TrainerConfig):
     # blocks of mean((phi(x0_hat) - phi(x0_T))^2) / mean(phi(x0_T)^2), both re-noised at one s_D ~ the LADD
     # discriminator times with the same noise (losses/ladd.py feature_regression_loss)
     regress_features: float = 0.0
+    # self-refinement (not in the paper; off by default): the student's 1-step output x0_hat from fresh noise is
+    # pulled towards what its own consistency step makes of it once re-noised to refine_time, with no gradient
+    # through that target: refine_weight * mean(((x0_hat - f(x_r, t_r)) / sd)^2), x_r = cos(t_r) x0_hat +
+    # sin(t_r) sd z. One more low-noise step keeps the layout and sharpens the shapes (1-step squares come out with
+    # rounded corners, docs/results.md "Session 22"); unlike the pairs there is no fixed set of targets to
+    # memorise. refine_batch samples take their captions and guidance scales from the generator batch.
+    refine_weight: float = 0.0
+    refine_time: float = 0.6
+    refine_batch: int = 0  # 0: the generator batch
     # student parameters kept fixed: every parameter whose name (SanaTransformer2DModel's) starts with one of these
     # prefixes, e.g. ["time_embed.timestep_embedder"] (a continuation that re-codes the 1-step time's embedding can
     # leave the basin a weight average needs, docs/results.md "Session 19"); each prefix must match a parameter
@@ -187,7 +196,11 @@ class DistillConfig(TrainerConfig):
             raise ConfigError(f"ema_decay: must be in [0, 1) (0 = no EMA), got {self.ema_decay}")
         if self.ema_decay and self.controlnet:
             raise ConfigError("ema_decay: not supported with controlnet (--controlnet) yet; leave it at 0")
-        _non_negative(self, "regress_weight", "regress_batch", "regress_features")
+        _non_negative(self, "regress_weight", "regress_batch", "regress_features", "refine_weight", "refine_batch")
+        if not 0.0 < self.refine_time < math.pi / 2:
+            raise ConfigError(f"refine_time: a TrigFlow time in (0, pi/2), got {self.refine_time}")
+        if self.refine_weight and self.controlnet:
+            raise ConfigError("refine_weight: the self-refinement term is not supported with controlnet (--controlnet)")
         if not isinstance(self.freeze, list) or not all(isinstance(x, str) and x for x in self.freeze):
             raise ConfigError(f"freeze: a list of parameter-name prefixes (non-empty strings), got {self.freeze!r}")
         if self.freeze and self.controlnet:
@@ -464,10 +477,10 @@ class DistillMethod(Method):
             xs.append(x_G)
             ss.append(s_G)
         k = len(xs)
-        if k == 0 and self.pairs is None:
-            raise ConfigError("nothing to train: loss 'ladd' needs ladd_weight > 0")
         es, ms, ws = [ehs] * k, [mask] * k, [w] * k
+        i_pairs = i_ref = None
         if self.pairs is not None:
+            i_pairs = len(xs)
             rb = cfg.regress_batch or b
             idx = ladd_lib.per_sample(lambda m, g: torch.randint(len(self.pairs), (m,), generator=g), rb, draws)
             pr = {key: v.to(self.device) for key, v in self.pairs.batch(idx).items()}
@@ -476,6 +489,22 @@ class DistillMethod(Method):
             es.append(pr["embeds"])
             ms.append(pr["mask"])
             ws.append(pr["w"])
+        if cfg.refine_weight:
+            fb = cfg.refine_batch or b
+            rows = torch.arange(fb, device=ehs.device) % b
+            z_f = ladd_lib.per_sample(lambda m, g: torch.randn((m, *x0.shape[1:]), generator=g, dtype=torch.float32),
+                                      fb, draws)
+            i_ref = len(xs)
+            xs.append(sd * z_f.to(self.device))
+            ss.append(torch.full((fb,), math.pi / 2, device=self.device))
+            es.append(ehs[rows])
+            ms.append(None if mask is None else mask[rows])
+            ws.append(w[rows.to(w.device)])
+        if k == 0 and i_pairs is None and i_ref is None:
+            raise ConfigError("nothing to train: loss 'ladd' needs ladd_weight > 0")
+        offsets = [0]
+        for x in xs:
+            offsets.append(offsets[-1] + len(x))
         x_in, s_in = torch.cat(xs), torch.cat(ss)
         e_in, m_in = scm_lib.padded_cat(es, ms)
         F, logvar = self.student(x_in / sd, s_in, e_in, m_in, guidance=torch.cat(ws), return_logvar=True)
@@ -488,8 +517,7 @@ class DistillMethod(Method):
             logs.update(out.logs)
             logs["loss_scm"] = out.loss.mean().item()
         if self.pairs is not None:
-            n_r = len(pr["x0"])
-            x0_r = consistency_fn(xs[-1], F[-n_r:], ss[-1], sd)
+            x0_r = consistency_fn(xs[i_pairs], F[offsets[i_pairs]:offsets[i_pairs + 1]], ss[i_pairs], sd)
             reg = (x0_r / sd - pr["x0"]).square().flatten(1).mean(1).mean()
             total = total + cfg.regress_weight * reg
             if terms is not None:
@@ -502,6 +530,13 @@ class DistillMethod(Method):
                 if terms is not None:
                     terms["regress_features"] = feat
                 logs["loss_regress_features"] = feat.item()
+        if i_ref is not None:
+            x0_f = consistency_fn(xs[i_ref], F[offsets[i_ref]:offsets[i_ref + 1]], ss[i_ref], sd)
+            ref = self.refine_loss(x0_f, es[i_ref], ms[i_ref], ws[i_ref], draws)
+            total = total + cfg.refine_weight * ref
+            if terms is not None:
+                terms["refine"] = ref
+            logs["loss_refine"] = ref.item()
         if use_adv:
             x0_hat = consistency_fn(x_G, F[n_scm:n_scm + b], s_G, sd)
             adv, adv_logs = ladd_lib.adversarial_g_loss(self.student, self.disc, x0, ehs, mask, w, self.ladd_cfg,
@@ -512,6 +547,19 @@ class DistillMethod(Method):
             logs.update(adv_logs)
             logs["loss_adv_g"] = adv.item()
         return total, logs
+
+    def refine_loss(self, x0_hat: torch.Tensor, ehs: torch.Tensor, mask: torch.Tensor, w: torch.Tensor,
+                    draws) -> torch.Tensor:
+        """mean over samples of mean(((x0_hat - f(x_r, t_r)) / sd)^2): x_r = cos(t_r) x0_hat + sin(t_r) sd z with
+        fresh z, f the student's consistency output at t_r = refine_time, the target without gradient."""
+        sd, n = self.sigma_data, x0_hat.shape[0]
+        z = ladd_lib.per_sample(lambda m, g: torch.randn((m, *x0_hat.shape[1:]), generator=g, dtype=torch.float32),
+                                n, draws).to(x0_hat.device)
+        t = torch.full((n,), float(self.cfg.refine_time), device=x0_hat.device)
+        with torch.no_grad():
+            x_r = trigflow_noise(x0_hat.detach(), sd * z, t)
+            target = consistency_fn(x_r, self.student(x_r / sd, t, ehs, mask, guidance=w), t, sd)
+        return ((x0_hat - target) / sd).square().flatten(1).mean(1).mean()
 
     @contextlib.contextmanager
     def generator_phase(self):
@@ -648,6 +696,8 @@ class DistillMethod(Method):
             config["distill"]["regress_weight"] = self.cfg.regress_weight
         if self.cfg.regress_features:
             config["distill"]["regress_features"] = self.cfg.regress_features
+        if self.cfg.refine_weight:
+            config["distill"].update(refine_weight=self.cfg.refine_weight, refine_time=self.cfg.refine_time)
         if self.cfg.student_init and self.control_train is None:  # continued from this student (its steps not counted)
             config["distill"]["student_init"] = str(self.cfg.student_init)
         (tmp / SPRINT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
