@@ -113,22 +113,33 @@ def test_regress_settings_are_checked():
             DistillConfig(out="unused", **bad).validate()
 
 
-def test_regression_term_matches_a_float64_computation(pairs_folder, teacher_folder, text_encoder):
-    """loss_regress = mean over pairs of mean((x0_hat / sd - x0_T)^2), x0_hat = cos(pi/2) x - sin(pi/2) sd F at
-    x = sd z; and it enters the generator loss as + regress_weight * that, with its own embeddings and w."""
-    out, _ = pairs_folder
-    method = _method(teacher_folder, text_encoder, loss="both", pairs=str(out), regress_weight=2.5, regress_batch=5)
+def _perturbed(method, seed: int = 3):
     with torch.no_grad():  # a student that is not the teacher (the guidance embedding matters)
         for p in method.student.parameters():
-            p.add_(0.02 * torch.randn_like(p, generator=torch.Generator().manual_seed(3)))
-    seen = []
-    real_batch = method.pairs.batch
-    method.pairs.batch = lambda idx: seen.append(idx.clone()) or real_batch(idx)
+            p.add_(0.02 * torch.randn_like(p, generator=torch.Generator().manual_seed(seed)))
+    return method
+
+
+def _generator_terms(method, text_encoder):
+    """(total, logs, terms) of one G-phase loss on the training batch, with fixed draws and frozen heads."""
     x0, e, m = method.prepare_batch(train_batch(text_encoder))
     method.gen.manual_seed(5)
     method.disc.eval().requires_grad_(False)
     terms = {}
     total, logs = method.generator_loss(x0, e, m, 10, terms=terms)
+    return total, logs, terms
+
+
+def test_regression_term_matches_a_float64_computation(pairs_folder, teacher_folder, text_encoder):
+    """loss_regress = mean over pairs of mean((x0_hat / sd - x0_T)^2), x0_hat = cos(pi/2) x - sin(pi/2) sd F at
+    x = sd z; and it enters the generator loss as + regress_weight * that, with its own embeddings and w."""
+    out, _ = pairs_folder
+    method = _perturbed(_method(teacher_folder, text_encoder, loss="both", pairs=str(out), regress_weight=2.5,
+                                regress_batch=5))
+    seen = []
+    real_batch = method.pairs.batch
+    method.pairs.batch = lambda idx: seen.append(idx.clone()) or real_batch(idx)
+    total, logs, terms = _generator_terms(method, text_encoder)
     (idx,) = seen
     assert len(idx) == 5
     rows = real_batch(idx)
@@ -239,11 +250,7 @@ def test_feature_regression_matches_a_float64_computation_and_its_gradient(pairs
 def test_feature_regression_enters_the_generator_loss_with_its_weight(pairs_folder, teacher_folder, text_encoder):
     out, _ = pairs_folder
     method = _method(teacher_folder, text_encoder, loss="both", pairs=str(out), regress_weight=2.5, regress_features=1.5)
-    x0, e, m = method.prepare_batch(train_batch(text_encoder))
-    method.gen.manual_seed(5)
-    method.disc.eval().requires_grad_(False)
-    terms = {}
-    total, logs = method.generator_loss(x0, e, m, 10, terms=terms)
+    total, logs, terms = _generator_terms(method, text_encoder)
     assert logs["loss_regress_features"] == pytest.approx(float(terms["regress_features"]), rel=1e-6)
     assert logs["loss_regress_features"] > 0
     parts = terms["scm"] + method.cfg.ladd_weight * terms["adv"] + 2.5 * terms["regress"] + 1.5 * terms["regress_features"]
@@ -254,13 +261,6 @@ def test_feature_regression_enters_the_generator_loss_with_its_weight(pairs_fold
         DistillConfig(out="unused", regress_features=1.0).validate()
     with pytest.raises(ConfigError, match="regress_features"):
         DistillConfig(out="unused", pairs="x", regress_features=-1.0).validate()
-
-
-def _perturbed(method, seed: int = 3):
-    with torch.no_grad():  # a student that is not the teacher (the guidance embedding matters)
-        for p in method.student.parameters():
-            p.add_(0.02 * torch.randn_like(p, generator=torch.Generator().manual_seed(seed)))
-    return method
 
 
 def test_refine_loss_matches_a_float64_computation_and_stops_the_gradient_at_its_target(teacher_folder, text_encoder):
@@ -298,11 +298,7 @@ def test_refine_term_enters_the_generator_loss_with_its_weight_and_batch(teacher
     calls = []
     real = method.refine_loss
     method.refine_loss = lambda x0_hat, *a: calls.append(x0_hat) or real(x0_hat, *a)
-    x0, e, m = method.prepare_batch(train_batch(text_encoder))
-    method.gen.manual_seed(5)
-    method.disc.eval().requires_grad_(False)
-    terms = {}
-    total, logs = method.generator_loss(x0, e, m, 10, terms=terms)
+    total, logs, terms = _generator_terms(method, text_encoder)
     (x0_hat,) = calls
     assert x0_hat.shape == (5, *method.latent_shape) and x0_hat.requires_grad
     assert logs["loss_refine"] == pytest.approx(float(terms["refine"]), rel=1e-6) and logs["loss_refine"] > 0

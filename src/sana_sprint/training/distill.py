@@ -153,8 +153,8 @@ class DistillConfig(TrainerConfig):
     # self-refinement (not in the paper; off by default): the student's 1-step output x0_hat from fresh noise is
     # pulled towards what its own consistency step makes of it once re-noised to refine_time, with no gradient
     # through that target: refine_weight * mean(((x0_hat - f(x_r, t_r)) / sd)^2), x_r = cos(t_r) x0_hat +
-    # sin(t_r) sd z. One more low-noise step keeps the layout and sharpens the shapes (1-step squares come out with
-    # rounded corners, docs/results.md "Session 22"); unlike the pairs there is no fixed set of targets to
+    # sin(t_r) sd z. One more step at low noise keeps the layout and repairs most of the 1-step shortfall (objects
+    # merged or misdrawn; docs/results.md "Session 22"); unlike the pairs there is no fixed set of targets to
     # memorise. refine_batch samples take their captions and guidance scales from the generator batch.
     refine_weight: float = 0.0
     refine_time: float = 0.6
