@@ -64,7 +64,7 @@ from ..models.presets import make_student
 from ..models.wrapper import TrigFlowTransformer
 from ..sampling import consistency, randn
 from ..timesteps import DEFAULT_SCHEDULES, LADD_P_MEAN, LADD_P_STD, SCM_P_MEAN, SCM_P_STD, lognormal_trig_time
-from ..trigflow import SIGMA_DATA, consistency_fn, trigflow_noise
+from ..trigflow import SIGMA_DATA, consistency_fn
 from .config import ConfigError, TrainerConfig, _non_negative, _positive
 from .ema import EMA
 from .trainer import Method, Stepper, Trainer, resolve_device, seed_everything
@@ -552,12 +552,10 @@ class DistillMethod(Method):
                     draws) -> torch.Tensor:
         """mean over samples of mean(((x0_hat - f(x_r, t_r)) / sd)^2): x_r = cos(t_r) x0_hat + sin(t_r) sd z with
         fresh z, f the student's consistency output at t_r = refine_time, the target without gradient."""
-        sd, n = self.sigma_data, x0_hat.shape[0]
-        z = ladd_lib.per_sample(lambda m, g: torch.randn((m, *x0_hat.shape[1:]), generator=g, dtype=torch.float32),
-                                n, draws).to(x0_hat.device)
-        t = torch.full((n,), float(self.cfg.refine_time), device=x0_hat.device)
+        sd = self.sigma_data
+        t = torch.full((x0_hat.shape[0],), float(self.cfg.refine_time), device=x0_hat.device)
         with torch.no_grad():
-            x_r = trigflow_noise(x0_hat.detach(), sd * z, t)
+            x_r = ladd_lib.renoise(x0_hat.detach(), t, draws, sd)
             target = consistency_fn(x_r, self.student(x_r / sd, t, ehs, mask, guidance=w), t, sd)
         return ((x0_hat - target) / sd).square().flatten(1).mean(1).mean()
 
