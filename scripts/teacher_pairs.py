@@ -10,6 +10,13 @@ folder's time shift) from exactly that noise. Each shard ``pairs-NNNNN.pt`` hold
 Shards are written as they finish; a rerun skips the ones already there (same seed -> same draws), so
 the script can be stopped and resumed. ``distill`` reads the folder with ``pairs`` / ``regress_weight``.
 
+With ``--refine-student DIR --refine-time T`` the targets are the teacher's repair of a student's own 1-step
+output instead (SDEdit): u = the student's 1-step latent from the pair's noise (same w), re-noised to
+TrigFlow time T with fresh noise e (flow space: (1 - sigma) u + sigma e, sigma = sin T / (sin T + cos T)),
+then the teacher's flow Euler with real CFG w over ``--refine-steps`` steps uniform in sigma down to 0. The
+noise, captions and w are the same draws as the plain pairs of the same seed; only x0 differs. The layout is
+the student's (a target it can reach), the drawing the teacher's (docs/results.md "Session 23").
+
     python scripts/teacher_pairs.py --teacher models/shapes-teacher --cache runs/cache/shapes-12000-r64 \
         --n 8192 --out runs/pairs/teacher20
 """
@@ -18,9 +25,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
+
+
+def refine_schedule(refine_time: float, steps: int) -> list[float]:
+    """TrigFlow times for ``steps`` flow Euler steps uniform in sigma from sigma(refine_time) down to 0."""
+    import torch
+
+    from sana_sprint import trigflow as tf
+
+    sigma = float(tf.flow_time(torch.tensor(refine_time, dtype=torch.float64)))
+    grid = torch.linspace(sigma, 0.0, steps + 1, dtype=torch.float64)
+    ts = [float(x) for x in tf.trig_time(grid)]
+    ts[0] = float(refine_time)
+    return ts
+
+
+def refine(teacher, student, prompts, w, noise, renoise, refine_time: float, steps: int, device):
+    """The teacher's repair (``steps`` flow Euler steps with CFG w) of the student's 1-step output from ``noise``,
+    re-noised to ``refine_time`` with ``renoise`` (all unit-std latents)."""
+    u = student(prompts, steps=1, timesteps=[math.pi / 2], guidance_scale=w, latents=noise.to(device),
+                output_type="latent").latents.float()
+    sigma = math.sin(refine_time) / (math.sin(refine_time) + math.cos(refine_time))
+    x = (1 - sigma) * u + sigma * renoise.to(device)
+    return teacher(prompts, timesteps=refine_schedule(refine_time, steps), guidance_scale=w, latents=x,
+                   output_type="latent")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="START:END: make only shards START..END-1 (of the --n / --shard ones), so that several "
                          "processes can fill one folder side by side; default all")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (the noise is drawn on the CPU either way)")
+    ap.add_argument("--refine-student", default="",
+                    help="a student folder: x0 = the teacher's repair of that student's 1-step output (see above)")
+    ap.add_argument("--refine-time", type=float, default=0.6, help="TrigFlow time the student's output is re-noised to")
+    ap.add_argument("--refine-steps", type=int, default=10, help="teacher flow Euler steps from --refine-time to 0")
     ap.add_argument("--cached-text", action="store_true",
                     help="take the captions' embeddings from the cache instead of running the text encoder "
                          "(the values the distillation trains on; no text-encoder weights needed)")
@@ -74,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.teacher).is_dir():
         print(f"error: no teacher folder at {args.teacher}", file=sys.stderr)
         return 2
+    if args.refine_student:
+        if not Path(args.refine_student).is_dir():
+            print(f"error: no student folder at {args.refine_student}", file=sys.stderr)
+            return 2
+        if not (0 < args.refine_time < math.pi / 2) or args.refine_steps < 1:
+            print("error: --refine-time must be in (0, pi/2) and --refine-steps >= 1", file=sys.stderr)
+            return 2
     try:
         ds = LatentDataset(args.cache)
     except (FileNotFoundError, ValueError) as e:
@@ -93,11 +136,21 @@ def main(argv: list[str] | None = None) -> int:
     if pipe.kind != "teacher":
         print(f"error: {args.teacher} is a {pipe.kind} folder, not a teacher", file=sys.stderr)
         return 2
+    student = None
+    if args.refine_student:
+        student = SprintPipeline.from_pretrained(args.refine_student, text_encoder=pipe.text_encoder)
+        student.to(device)
+        if student.kind != "student":
+            print(f"error: {args.refine_student} is a {student.kind} folder, not a student", file=sys.stderr)
+            return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"teacher": str(args.teacher), "cache": str(args.cache), "steps": args.steps, "guidance_scales": scales,
             "seed": args.seed, "shard": args.shard, "shards": shards, "flow_shift": pipe.config.get("flow_shift"),
             "text": "cache" if args.cached_text else "encoder"}
+    if student is not None:
+        meta.update(refine_student=str(args.refine_student), refine_time=args.refine_time,
+                    refine_steps=args.refine_steps)
     old = out / "meta.json"
     if old.exists():
         prev = json.loads(old.read_text())
@@ -122,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         w = torch.as_tensor(scales)[torch.randint(len(scales), (args.shard,), generator=g)]
         noise = torch.randn((args.shard, *shape), generator=g)
         cids = np.asarray(ds.caption_index[rows]).astype(np.int64)
+        renoise = torch.randn(noise.shape, generator=g) if student is not None else None  # after the plain draws
         x0 = torch.empty_like(noise)
         for i in range(0, args.shard, args.batch):
             sl = slice(i, i + args.batch)
@@ -129,8 +183,12 @@ def main(argv: list[str] | None = None) -> int:
             for wv in torch.unique(w[sl]).tolist():
                 sel = torch.nonzero(w[sl] == wv).flatten() + i
                 prompts = [ds.captions[c] for c in cids[sel.numpy()]]
-                res = pipe(prompts, steps=args.steps, guidance_scale=wv, latents=noise[sel].to(device),
-                           output_type="latent")
+                if student is None:
+                    res = pipe(prompts, steps=args.steps, guidance_scale=wv, latents=noise[sel].to(device),
+                               output_type="latent")
+                else:
+                    res = refine(pipe, student, prompts, wv, noise[sel], renoise[sel], args.refine_time,
+                                 args.refine_steps, device)
                 x0[sel] = res.latents.float().cpu()
             bar.update(min(args.batch, args.shard - i))
         tmp = path.with_suffix(".tmp")

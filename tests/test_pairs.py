@@ -89,6 +89,49 @@ def test_shard_ranges_made_apart_equal_the_folder_made_at_once(pairs_folder, tmp
         assert "--shard-range" in capsys.readouterr().err
 
 
+def test_refine_pairs_are_the_teachers_euler_repair_of_the_students_1_step_output(pairs_folder, teacher_folder,
+                                                                                  tmp_path, text_encoder, capsys):
+    """--refine-student: same noise / captions / w as the plain pairs; x0 = a float64 flow Euler with CFG (written
+    out here, cond and uncond called apart) from (1 - sigma) u + sigma e, u the student's 1-step output."""
+    out, args = pairs_folder
+    student = save_tiny_pipeline(tmp_path / "student", text_encoder, tiny_transformer(guidance_embeds=True, seed=8),
+                                 kind="student", vae_seed=6)
+    ref_dir, t_r, steps = tmp_path / "refined", 0.9, 4
+    base = [a if a != str(out) else str(ref_dir) for a in args]
+    assert teacher_pairs.main([*base, "--refine-student", str(student), "--refine-time", str(t_r),
+                               "--refine-steps", str(steps)]) == 0
+    plain, refined = TeacherPairs(out), TeacherPairs(ref_dir)
+    assert torch.equal(plain.noise, refined.noise) and torch.equal(plain.w, refined.w)
+    assert torch.equal(plain.caption_index, refined.caption_index) and refined.meta["refine_time"] == t_r
+    cache = LatentDataset(refined.meta["cache"])
+    s_pipe, t_pipe = SprintPipeline.from_pretrained(student), SprintPipeline.from_pretrained(teacher_folder)
+    sigma = math.sin(t_r) / (math.sin(t_r) + math.cos(t_r))
+    grid = torch.linspace(sigma, 0.0, steps + 1, dtype=torch.float64)
+    null_e, null_m = t_pipe.text_encoder.null_embedding()
+    for i in (1, 8):  # shard 0 row 1, shard 1 row 2 (shards of 6)
+        k, row = divmod(i, 6)
+        g = torch.Generator().manual_seed(0 * 1_000_003 + k)  # the script's per-shard draws, in its order
+        torch.randint(12, (6,), generator=g), torch.randint(3, (6,), generator=g)
+        shape = refined.noise.shape[1:]
+        torch.randn((6, *shape), generator=g)
+        e = torch.randn((6, *shape), generator=g)[row:row + 1].double()
+        caption, w = cache.captions[int(refined.caption_index[i])], float(refined.w[i])
+        u = s_pipe(caption, steps=1, guidance_scale=w, latents=refined.noise[i:i + 1], output_type="latent").latents
+        x = (1 - sigma) * u.double() + sigma * e
+        emb, mask = t_pipe.text_encoder.encode([caption])
+        with torch.no_grad():
+            for a, b in zip(grid[:-1], grid[1:]):
+                t = torch.full((1,), float(a))
+                vc = t_pipe.model.flow_velocity(x.float(), t, emb, mask).double()
+                vu = t_pipe.model.flow_velocity(x.float(), t, null_e, null_m).double()
+                x = x + (b - a) * (vu + w * (vc - vu))
+        torch.testing.assert_close(refined.x0[i:i + 1].double(), x, rtol=0, atol=2e-4)
+        assert (refined.x0[i] - plain.x0[i]).abs().max() > 1e-2  # a different target from the plain pair's
+    assert teacher_pairs.main([*base, "--refine-student", str(student), "--refine-time", "1.6"]) == 2
+    assert teacher_pairs.main([*base, "--refine-student", str(tmp_path / "none")]) == 2
+    assert "no student folder" in capsys.readouterr().err
+
+
 def test_pairs_gap_is_the_per_pair_1_step_mse_of_the_student(pairs_folder, tmp_path, text_encoder):
     out, _ = pairs_folder
     folder = save_tiny_pipeline(tmp_path / "student", text_encoder, tiny_transformer(guidance_embeds=True, seed=8),
