@@ -24,6 +24,7 @@ from sana_sprint.training.trainer import Stepper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import pairs_gap  # noqa: E402
+import repair_eval  # noqa: E402
 import teacher_pairs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,6 +131,32 @@ def test_refine_pairs_are_the_teachers_euler_repair_of_the_students_1_step_outpu
     assert teacher_pairs.main([*base, "--refine-student", str(student), "--refine-time", "1.6"]) == 2
     assert teacher_pairs.main([*base, "--refine-student", str(tmp_path / "none")]) == 2
     assert "no student folder" in capsys.readouterr().err
+
+
+def test_repair_eval_draws_the_students_own_noise_and_applies_the_teachers_repair(teacher_folder, tmp_path,
+                                                                                 text_encoder):
+    """scripts/repair_eval.py: with the generators the evaluation passes, the 1-step latent inside the repair is
+    the student pipeline's own, and the output is teacher_pairs.refine of it with the generators' next draws."""
+    folder = save_tiny_pipeline(tmp_path / "student", text_encoder, tiny_transformer(guidance_embeds=True, seed=8),
+                                kind="student", vae_seed=6)
+    student, teacher = SprintPipeline.from_pretrained(folder), SprintPipeline.from_pretrained(teacher_folder)
+    prompts = ["a red circle", "two blue squares", "a green triangle"]
+    gens = lambda: [torch.Generator().manual_seed(40 + i) for i in range(3)]  # noqa: E731
+    t_r, steps = 0.7, 3
+    out = repair_eval.RepairPipe(student, teacher, t_r, steps)(prompts, guidance_scale=4.0, generator=gens(),
+                                                               output_type="pt")
+    own = student(prompts, steps=1, timesteps=[math.pi / 2], guidance_scale=4.0, generator=gens(),
+                  output_type="latent").latents
+    g = gens()
+    noise = torch.stack([torch.randn(own.shape[1:], generator=x) for x in g])
+    renoise = torch.stack([torch.randn(own.shape[1:], generator=x) for x in g])
+    ref = teacher_pairs.refine(teacher, student, prompts, 4.0, noise, renoise, t_r, steps, "cpu")
+    torch.testing.assert_close(out.latents, ref.latents, rtol=0, atol=1e-6)
+    u = student(prompts, steps=1, timesteps=[math.pi / 2], guidance_scale=4.0, latents=noise,
+                output_type="latent").latents
+    torch.testing.assert_close(u, own, rtol=0, atol=1e-6)  # the noise drawn is the student's own
+    assert out.images.shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE) and (out.latents - own).abs().max() > 1e-2
+    assert repair_eval.main(["--student", str(tmp_path / "none"), "--out", str(tmp_path / "r.json")]) == 2
 
 
 def test_pairs_gap_is_the_per_pair_1_step_mse_of_the_student(pairs_folder, tmp_path, text_encoder):
