@@ -361,6 +361,46 @@ def test_refine_loss_matches_a_float64_computation_and_stops_the_gradient_at_its
     assert all(p.grad is None for p in method.student.parameters())
 
 
+def test_teacher_repair_target_is_a_float64_flow_euler_of_the_teacher_with_cfg(teacher_folder, text_encoder):
+    """refine_teacher_steps: the target is the teacher's flow Euler with CFG w (written out here in flow space,
+    cond and uncond apart, float64) from x_r / (sd (cos t_r + sin t_r)) on a grid uniform in flow time; the loss
+    is mean(((x0_hat - target) / sd)^2) with the same fresh noise as the student-target version."""
+    t_r, steps = 1.2, 3
+    method = _perturbed(_method(teacher_folder, text_encoder, refine_weight=1.0, refine_time=t_r,
+                                refine_teacher_steps=steps))
+    b, sd = train_batch(text_encoder), method.sigma_data
+    n = b["embeds"].shape[0]
+    x0_hat = sd * torch.randn(n, *method.latent_shape, generator=torch.Generator().manual_seed(8))
+    w = torch.tensor([4.0, 4.5, 5.0][:n])
+    loss = method.refine_loss(x0_hat, b["embeds"], b["mask"], w, torch.Generator().manual_seed(4))
+
+    z = torch.randn(n, *method.latent_shape, generator=torch.Generator().manual_seed(4)).double()
+    c, si = math.cos(t_r), math.sin(t_r)
+    x64 = x0_hat.double()
+    y = (c * x64 + si * sd * z) / (sd * (c + si))  # flow space, unit std
+    sigma = si / (si + c)
+    grid = torch.linspace(sigma, 0.0, steps + 1, dtype=torch.float64)
+    t64 = copy.deepcopy(method.teacher).double()
+    null_e, null_m = method.null
+    with torch.no_grad():
+        for a, b_ in zip(grid[:-1], grid[1:]):
+            t = torch.full((n,), float(a), dtype=torch.float64)
+            vc = t64.flow_velocity(y, t, b["embeds"].double(), b["mask"])
+            vu = t64.flow_velocity(y, t, null_e.double().expand(n, -1, -1), null_m.expand(n, -1))
+            y = y + (b_ - a) * (vu + w.double().view(-1, 1, 1, 1) * (vc - vu))
+    target = sd * y
+    ref = (((x64 - target) / sd) ** 2).flatten(1).mean(1).mean()
+    assert float(loss) == pytest.approx(float(ref), rel=1e-4)
+    # a different target from the student's own consistency step (the default)
+    method.cfg.refine_teacher_steps = 0
+    own = method.refine_loss(x0_hat, b["embeds"], b["mask"], w, torch.Generator().manual_seed(4))
+    assert abs(float(own) - float(ref)) > 1e-3 * float(ref)
+    with pytest.raises(ConfigError, match="refine_teacher_steps"):
+        DistillConfig(out="unused", refine_teacher_steps=2).validate()
+    with pytest.raises(ConfigError, match="refine_teacher_steps"):
+        DistillConfig(out="unused", refine_weight=1.0, refine_teacher_steps=-1).validate()
+
+
 def test_refine_term_enters_the_generator_loss_with_its_weight_and_batch(teacher_folder, text_encoder):
     """total = scm + ladd_weight * adv + refine_weight * refine; refine_batch may exceed the generator batch (captions
     reused in turn); the 1-step outputs it refines come from the student's gradient forward."""

@@ -159,6 +159,11 @@ class DistillConfig(TrainerConfig):
     refine_weight: float = 0.0
     refine_time: float = 0.6
     refine_batch: int = 0  # 0: the generator batch
+    # refine_teacher_steps > 0: the target is the frozen teacher's repair of x_r instead, that many flow Euler steps
+    # (DDIM in TrigFlow, the same thing) with real CFG at the sample's w, uniform in flow time from refine_time to
+    # 0. The layout stays the student's and the drawing becomes the teacher's: at refine_time 1.2 the teacher's
+    # repair of v14's 1-step images scores above the teacher's own 20-step samples (docs/results.md "Session 23").
+    refine_teacher_steps: int = 0
     # student parameters kept fixed: every parameter whose name (SanaTransformer2DModel's) starts with one of these
     # prefixes, e.g. ["time_embed.timestep_embedder"] (a continuation that re-codes the 1-step time's embedding can
     # leave the basin a weight average needs, docs/results.md "Session 19"); each prefix must match a parameter
@@ -196,9 +201,12 @@ class DistillConfig(TrainerConfig):
             raise ConfigError(f"ema_decay: must be in [0, 1) (0 = no EMA), got {self.ema_decay}")
         if self.ema_decay and self.controlnet:
             raise ConfigError("ema_decay: not supported with controlnet (--controlnet) yet; leave it at 0")
-        _non_negative(self, "regress_weight", "regress_batch", "regress_features", "refine_weight", "refine_batch")
+        _non_negative(self, "regress_weight", "regress_batch", "regress_features", "refine_weight", "refine_batch",
+                      "refine_teacher_steps")
         if not 0.0 < self.refine_time < math.pi / 2:
             raise ConfigError(f"refine_time: a TrigFlow time in (0, pi/2), got {self.refine_time}")
+        if self.refine_teacher_steps and not self.refine_weight:
+            raise ConfigError("refine_teacher_steps: the teacher's repair is the refine term's target; set refine_weight > 0")
         if self.refine_weight and self.controlnet:
             raise ConfigError("refine_weight: the self-refinement term is not supported with controlnet (--controlnet)")
         if not isinstance(self.freeze, list) or not all(isinstance(x, str) and x for x in self.freeze):
@@ -551,13 +559,34 @@ class DistillMethod(Method):
     def refine_loss(self, x0_hat: torch.Tensor, ehs: torch.Tensor, mask: torch.Tensor, w: torch.Tensor,
                     draws) -> torch.Tensor:
         """mean over samples of mean(((x0_hat - f(x_r, t_r)) / sd)^2): x_r = cos(t_r) x0_hat + sin(t_r) sd z with
-        fresh z, f the student's consistency output at t_r = refine_time, the target without gradient."""
+        fresh z, f the student's consistency output at t_r = refine_time (with refine_teacher_steps: the teacher's
+        repair, :meth:`teacher_repair`), the target without gradient."""
         sd = self.sigma_data
         t = torch.full((x0_hat.shape[0],), float(self.cfg.refine_time), device=x0_hat.device)
         with torch.no_grad():
             x_r = ladd_lib.renoise(x0_hat.detach(), t, draws, sd)
-            target = consistency_fn(x_r, self.student(x_r / sd, t, ehs, mask, guidance=w), t, sd)
+            if self.cfg.refine_teacher_steps:
+                target = self.teacher_repair(x_r, ehs, mask, w)
+            else:
+                target = consistency_fn(x_r, self.student(x_r / sd, t, ehs, mask, guidance=w), t, sd)
         return ((x0_hat - target) / sd).square().flatten(1).mean(1).mean()
+
+    @torch.no_grad()
+    def teacher_repair(self, x_r: torch.Tensor, ehs: torch.Tensor, mask: torch.Tensor | None,
+                       w: torch.Tensor) -> torch.Tensor:
+        """The teacher's CFG sample from x_r at TrigFlow time refine_time: refine_teacher_steps DDIM steps (the
+        teacher's flow Euler) on times uniform in flow time down to 0; returns x0 (training space)."""
+        sd, n = self.sigma_data, int(self.cfg.refine_teacher_steps)
+        sigma = math.sin(self.cfg.refine_time) / (math.sin(self.cfg.refine_time) + math.cos(self.cfg.refine_time))
+        times = [float(self.cfg.refine_time)] + [math.atan2(sigma * k / n, 1 - sigma * k / n)
+                                                 for k in range(n - 1, -1, -1)]
+        x = x_r.float()
+        for a, b in zip(times[:-1], times[1:]):
+            s = torch.full((x.shape[0],), a, device=x.device)
+            v = scm_lib.teacher_cfg_velocity(self.teacher, x, s, ehs, mask, *self.null, w, sd)  # dx/ds
+            x0 = math.cos(a) * x - math.sin(a) * v
+            x = x0 if b == 0 else math.cos(b) * x0 + math.sin(b) * (math.sin(a) * x + math.cos(a) * v)
+        return x
 
     @contextlib.contextmanager
     def generator_phase(self):
@@ -696,6 +725,8 @@ class DistillMethod(Method):
             config["distill"]["regress_features"] = self.cfg.regress_features
         if self.cfg.refine_weight:
             config["distill"].update(refine_weight=self.cfg.refine_weight, refine_time=self.cfg.refine_time)
+            if self.cfg.refine_teacher_steps:
+                config["distill"]["refine_teacher_steps"] = self.cfg.refine_teacher_steps
         if self.cfg.student_init and self.control_train is None:  # continued from this student (its steps not counted)
             config["distill"]["student_init"] = str(self.cfg.student_init)
         (tmp / SPRINT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
