@@ -33,6 +33,7 @@ class RepairPipe:
 
     def __call__(self, prompts, steps=None, timesteps=None, guidance_scale=None, generator=None,
                  num_images_per_prompt=1, output_type="pil", noise_scale=1.0):
+        import torch
         from teacher_pairs import refine
 
         from sana_sprint.models.presets import vae_compression
@@ -47,7 +48,28 @@ class RepairPipe:
         out = refine(self.teacher, self.student, list(prompts), float(guidance_scale), noise, renoise,
                      self.refine_time, self.refine_steps, self.student.device)
         unit = out.latents
-        return type(out)(self.teacher.decode(unit, output_type), unit)
+        with torch.no_grad():
+            return type(out)(self.teacher.decode(unit, output_type), unit)
+
+
+def write_grid(student, teacher, repair, records, args) -> None:
+    import torch
+
+    from sana_sprint.evaluation.run import sample_seed, save_grid
+
+    picks = [i for i, r in enumerate(records) if r["tag"] != "single_object"][::37][:12]
+    images, captions = [], []
+    for i in picks:
+        prompt = records[i]["prompt"]
+        seed = sample_seed(args.seed, i, 0)
+        gen = lambda seed=seed: [torch.Generator().manual_seed(seed)]  # noqa: E731
+        w = args.guidance
+        images.append(student([prompt], steps=1, timesteps=[math.pi / 2], guidance_scale=w, generator=gen(),
+                              output_type="np").images[0])
+        images.append(repair([prompt], guidance_scale=w, generator=gen(), output_type="np").images[0])
+        images.append(teacher([prompt], steps=20, guidance_scale=w, generator=gen(), output_type="np").images[0])
+        captions += [f"1 step: {prompt}", f"repaired from t={args.refine_time}", "teacher, 20 steps"]
+    save_grid(args.grid, [(255 * x).round().astype("uint8") for x in images], captions)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fd", action="store_true", help="also FD_shapes against 2,000 ground-truth renders")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True, help="result JSON")
+    ap.add_argument("--grid", default="", help="also a PNG: for 12 multi-object prompts (first image of each), the "
+                    "student's 1-step image, its repair and the teacher's own 20-step sample from the same noise")
     args = ap.parse_args(argv)
     if not (0 < args.refine_time < math.pi / 2) or args.refine_steps < 1:
         print("error: --refine-time must be in (0, pi/2) and --refine-steps >= 1", file=sys.stderr)
@@ -86,9 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     records = load_prompts(None)
     indices = balanced_subset([r["tag"] for r in records], args.limit or None)
-    res = evaluate(RepairPipe(student, teacher, args.refine_time, args.refine_steps), [records[i] for i in indices],
+    repair = RepairPipe(student, teacher, args.refine_time, args.refine_steps)
+    res = evaluate(repair, [records[i] for i in indices],
                    guidance=args.guidance, seed=args.seed, images_per_prompt=args.images_per_prompt,
                    batch=args.batch, fd=args.fd, indices=indices, progress=sys.stderr.isatty())
+    if args.grid:
+        write_grid(student, teacher, repair, records, args)
     res.update(student=args.student, teacher=args.teacher, refine_time=args.refine_time,
                refine_steps=args.refine_steps)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
