@@ -22,7 +22,7 @@ prepare() {  # prepare NAME: INIT = runs/student_NAME/models/shapes-sprint, rest
     git archive "$START" models/shapes-sprint | tar -x -C "runs/student_$1"
   fi
   OMP_NUM_THREADS=1 "$BIN/sana-sprint" distill --config "$CONFIG" --prepare-only
-  pairs "$PAIRS" 0
+  [ -n "${NO_PAIRS:-}" ] || pairs "$PAIRS" 0  # NO_PAIRS=1: the caller makes its own pairs
   mkdir -p "$ROOT"
   stamp "$1, cache and pairs ready"
 }
