@@ -163,6 +163,8 @@ class DistillConfig(TrainerConfig):
     # (DDIM in TrigFlow, the same thing) with real CFG at the sample's w, uniform in flow time from refine_time to
     # 0. The layout stays the student's and the drawing becomes the teacher's: at refine_time 1.2 the teacher's
     # repair of v14's 1-step images scores above the teacher's own 20-step samples (docs/results.md "Session 23").
+    # Online it did worse there (one run, 0.845) than the same repairs made offline as pairs (teacher_pairs.py
+    # --refine-student, 0.863), at 1.26x the step time.
     refine_teacher_steps: int = 0
     # student parameters kept fixed: every parameter whose name (SanaTransformer2DModel's) starts with one of these
     # prefixes, e.g. ["time_embed.timestep_embedder"] (a continuation that re-codes the 1-step time's embedding can
