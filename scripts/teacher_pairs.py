@@ -31,19 +31,6 @@ import time
 from pathlib import Path
 
 
-def refine_schedule(refine_time: float, steps: int) -> list[float]:
-    """TrigFlow times for ``steps`` flow Euler steps uniform in sigma from sigma(refine_time) down to 0."""
-    import torch
-
-    from sana_sprint import trigflow as tf
-
-    sigma = float(tf.flow_time(torch.tensor(refine_time, dtype=torch.float64)))
-    grid = torch.linspace(sigma, 0.0, steps + 1, dtype=torch.float64)
-    ts = [float(x) for x in tf.trig_time(grid)]
-    ts[0] = float(refine_time)
-    return ts
-
-
 def refine(teacher, student, prompts, w, noise, renoise, refine_time: float, steps: int, device):
     """The teacher's repair (``steps`` flow Euler steps with CFG w) of the student's 1-step output from ``noise``,
     re-noised to ``refine_time`` with ``renoise`` (all unit-std latents)."""
@@ -51,7 +38,9 @@ def refine(teacher, student, prompts, w, noise, renoise, refine_time: float, ste
                 output_type="latent").latents.float()
     sigma = math.sin(refine_time) / (math.sin(refine_time) + math.cos(refine_time))
     x = (1 - sigma) * u + sigma * renoise.to(device)
-    return teacher(prompts, timesteps=refine_schedule(refine_time, steps), guidance_scale=w, latents=x,
+    from sana_sprint.timesteps import repair_schedule
+
+    return teacher(prompts, timesteps=repair_schedule(refine_time, steps), guidance_scale=w, latents=x,
                    output_type="latent")
 
 

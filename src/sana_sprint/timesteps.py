@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .trigflow import HALF_PI, SIGMA_DATA
+from .trigflow import HALF_PI, SIGMA_DATA, flow_time, trig_time
 
 # sCM generator times: tau ~ N(P_mean, P_std^2), s = arctan(exp(tau) / sd). Official SANA-Sprint values.
 SCM_P_MEAN = 0.2
@@ -83,6 +83,17 @@ def trig_schedule(steps: int, s_max: float = HALF_PI) -> torch.Tensor:
     s = torch.atan2(t, 1 - t)
     s[0] = min(s_max, float(s[0]))
     return s
+
+
+def repair_schedule(start: float, steps: int) -> list[float]:
+    """TrigFlow times [start > ... > 0] for ``steps`` flow Euler steps uniform in flow time from flow_time(start)
+    down to 0 (a teacher's repair of a re-noised image; scripts/teacher_pairs.py, distill's refine_teacher_steps)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    sigma = float(flow_time(torch.tensor(start, dtype=torch.float64)))
+    ts = [float(x) for x in trig_time(torch.linspace(sigma, 0.0, steps + 1, dtype=torch.float64))]
+    ts[0] = float(start)
+    return ts
 
 
 def consistency_schedule(

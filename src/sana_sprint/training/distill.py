@@ -63,7 +63,15 @@ from ..models.discriminator import Discriminator, feature_blocks
 from ..models.presets import make_student
 from ..models.wrapper import TrigFlowTransformer
 from ..sampling import consistency, randn
-from ..timesteps import DEFAULT_SCHEDULES, LADD_P_MEAN, LADD_P_STD, SCM_P_MEAN, SCM_P_STD, lognormal_trig_time
+from ..timesteps import (
+    DEFAULT_SCHEDULES,
+    LADD_P_MEAN,
+    LADD_P_STD,
+    SCM_P_MEAN,
+    SCM_P_STD,
+    lognormal_trig_time,
+    repair_schedule,
+)
 from ..trigflow import SIGMA_DATA, consistency_fn
 from .config import ConfigError, TrainerConfig, _non_negative, _positive
 from .ema import EMA
@@ -578,10 +586,8 @@ class DistillMethod(Method):
                        w: torch.Tensor) -> torch.Tensor:
         """The teacher's CFG sample from x_r at TrigFlow time refine_time: refine_teacher_steps DDIM steps (the
         teacher's flow Euler) on times uniform in flow time down to 0; returns x0 (training space)."""
-        sd, n = self.sigma_data, int(self.cfg.refine_teacher_steps)
-        sigma = math.sin(self.cfg.refine_time) / (math.sin(self.cfg.refine_time) + math.cos(self.cfg.refine_time))
-        times = [float(self.cfg.refine_time)] + [math.atan2(sigma * k / n, 1 - sigma * k / n)
-                                                 for k in range(n - 1, -1, -1)]
+        sd = self.sigma_data
+        times = repair_schedule(self.cfg.refine_time, int(self.cfg.refine_teacher_steps))
         x = x_r.float()
         for a, b in zip(times[:-1], times[1:]):
             s = torch.full((x.shape[0],), a, device=x.device)
