@@ -85,6 +85,24 @@ def train_batch(text_encoder, seed: int = 0) -> dict:
     return {"latents": lat, "embeds": e, "mask": m}
 
 
+def script_workdir(tmp_path, fake_python: str, *tools: str):
+    """A working folder for running one of scripts/gpu/*.sh with stand-ins: ``tmp_path`` with an empty latent cache
+    (``cache/meta.json``) and ``py``, an executable made from ``fake_python`` (``{py}`` = this interpreter). Skips
+    the test when bash or one of ``tools`` is missing."""
+    import shutil
+    import sys
+
+    missing = [t for t in ("bash", *tools) if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "meta.json").write_text("{}")
+    py = tmp_path / "py"
+    py.write_text(fake_python.format(py=sys.executable))
+    py.chmod(0o755)
+    return tmp_path
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run many small ops: one intra-op thread (restored afterwards) avoids oversubscribing a shared

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import script_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu" / "continue_distill.sh"
@@ -40,13 +39,7 @@ exec "{py}" "$@"
 
 @pytest.fixture()
 def work(tmp_path):
-    if shutil.which("bash") is None:
-        pytest.skip("needs bash")
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "meta.json").write_text("{}")
-    py = tmp_path / "py"
-    py.write_text(FAKE_PY.format(py=sys.executable))
-    py.chmod(0o755)
+    script_workdir(tmp_path, FAKE_PY)
     cfg = {"teacher": "t", "out": "runs/c", "export": "runs/c/export", "seed": 0}
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     return tmp_path

@@ -5,7 +5,6 @@ back; and scripts/gpu/pack_diffusers.py's choice of files."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -13,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import script_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu" / "repair_round.sh"
@@ -51,14 +51,7 @@ exec "{py}" "$@"
 
 @pytest.fixture()
 def work(tmp_path):
-    if shutil.which("bash") is None or shutil.which("timeout") is None:
-        pytest.skip("needs bash and timeout")
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "meta.json").write_text("{}")
-    py = tmp_path / "py"
-    py.write_text(FAKE_PY.format(py=sys.executable))
-    py.chmod(0o755)
-    return tmp_path
+    return script_workdir(tmp_path, FAKE_PY, "timeout")
 
 
 def run(work, **env):
