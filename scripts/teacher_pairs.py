@@ -34,12 +34,15 @@ from pathlib import Path
 def refine(teacher, student, prompts, w, noise, renoise, refine_time: float, steps: int, device):
     """The teacher's repair (``steps`` flow Euler steps with CFG w) of the student's 1-step output from ``noise``,
     re-noised to ``refine_time`` with ``renoise`` (all unit-std latents)."""
+    import torch
+
+    from sana_sprint.timesteps import repair_schedule
+    from sana_sprint.trigflow import flow_time
+
     u = student(prompts, steps=1, timesteps=[math.pi / 2], guidance_scale=w, latents=noise.to(device),
                 output_type="latent").latents.float()
-    sigma = math.sin(refine_time) / (math.sin(refine_time) + math.cos(refine_time))
+    sigma = float(flow_time(torch.tensor(refine_time, dtype=torch.float64)))  # the flow time the repair starts at
     x = (1 - sigma) * u + sigma * renoise.to(device)
-    from sana_sprint.timesteps import repair_schedule
-
     return teacher(prompts, timesteps=repair_schedule(refine_time, steps), guidance_scale=w, latents=x,
                    output_type="latent")
 
