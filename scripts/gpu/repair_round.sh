@@ -59,15 +59,15 @@ fi
 stamp "cache ready"
 
 PAIRS=$ROOT/pairs
-timeout "${PAIRS_SECONDS:-120}" $PY scripts/teacher_pairs.py --device "$DEVICE" --cached-text --cache "$CACHE" \
-  --n "$NPAIRS" --shard "$SHARD" --batch "$SHARD" --threads 4 --seed "$PAIRS_SEED" --refine-student "$INIT" \
+pairs_args=(--device "$DEVICE" --cached-text --cache "$CACHE" --n "$NPAIRS" --shard "$SHARD" --batch "$SHARD" \
+  --threads 4 --seed "$PAIRS_SEED")
+timeout "${PAIRS_SECONDS:-120}" $PY scripts/teacher_pairs.py "${pairs_args[@]}" --refine-student "$INIT" \
   --refine-time "$T_REPAIR" --out "$PAIRS" > "$ROOT/pairs.log" 2>&1
 tail -n 3 "$ROOT/pairs.log" | tr '\r' '\n' | tail -n 3
 if ! ls "$PAIRS"/pairs-*.pt > /dev/null 2>&1; then  # no repaired pairs: fall back to the teacher's own samples
   stamp "no repaired pairs; plain teacher pairs instead"
   PAIRS=$ROOT/pairs_plain
-  timeout 60 $PY scripts/teacher_pairs.py --device "$DEVICE" --cached-text --cache "$CACHE" --n "$NPAIRS" \
-    --shard "$SHARD" --batch "$SHARD" --threads 4 --seed "$PAIRS_SEED" --out "$PAIRS" > "$ROOT/pairs_plain.log" 2>&1
+  timeout 60 $PY scripts/teacher_pairs.py "${pairs_args[@]}" --out "$PAIRS" > "$ROOT/pairs_plain.log" 2>&1
   tail -n 3 "$ROOT/pairs_plain.log" | tr '\r' '\n' | tail -n 3
 fi
 stamp "pairs: $(ls "$PAIRS"/pairs-*.pt 2>/dev/null | wc -l) shards in $PAIRS"
