@@ -27,10 +27,17 @@ import json, os, pathlib, sys
 argv = sys.argv[1:]
 get = lambda flag, default=None: argv[argv.index(flag) + 1] if flag in argv else default
 if argv[0] == "-m":
-    exp, out = pathlib.Path(get("--export")), pathlib.Path(get("--out"))
-    (exp / "transformer").mkdir(parents=True)
-    (exp / "transformer" / "diffusion_pytorch_model.safetensors").write_text(get("--seed"))
-    (out / "metrics.jsonl").write_text(json.dumps({{"step": 1}}) + "\\n")
+    if "--resume" in argv:  # a run of an earlier call: its saved config names everything
+        cfg = json.loads(pathlib.Path(get("--config")).read_text())
+        seed, steps = cfg["seed"], json.loads(pathlib.Path(cfg["out"], "metrics.jsonl").read_text())["step"] + 1
+    else:
+        cfg, steps = {{"out": get("--out"), "export": get("--export"), "seed": get("--seed")}}, 1
+        seed = cfg["seed"]
+    exp, out = pathlib.Path(cfg["export"]), pathlib.Path(cfg["out"])
+    (exp / "transformer").mkdir(parents=True, exist_ok=True)
+    (exp / "transformer" / "diffusion_pytorch_model.safetensors").write_text(f"{{seed}} step {{steps}}")
+    (out / "metrics.jsonl").write_text(json.dumps({{"step": steps}}) + "\\n")
+    (out / "config.json").write_text(json.dumps(cfg))
     line = "distill " + " ".join(argv[3:]) + " tf32=" + os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "unset")
 else:
     if get("--refine-student") and os.environ.get("FAIL_REFINE"):
@@ -54,12 +61,13 @@ def work(tmp_path):
     return script_workdir(tmp_path, FAKE_PY, "timeout")
 
 
-def run(work, **env):
+def run(work, rc=0, **env):
     full = dict(os.environ, PY=str(work / "py"), CACHE=str(work / "cache"), OUT="o", ROOT="r", DEVICE="cpu",
                 CONFIG="c.json", INIT="student", MARGIN="0", **env)
     res = subprocess.run(["bash", str(SCRIPT)], cwd=work, env=full, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    return (work / "calls.log").read_text().splitlines()
+    assert res.returncode == rc, res.stderr
+    log = work / "calls.log"
+    return log.read_text().splitlines() if log.exists() else []
 
 
 def test_repaired_pairs_then_one_run_per_seed(work):
@@ -79,7 +87,7 @@ def test_repaired_pairs_then_one_run_per_seed(work):
         assert a[a.index("--out") + 1] == f"r/r{seed}" and a[a.index("--export") + 1] == f"r/r{seed}/export"
         assert float(a[a.index("--max-minutes") + 1]) > 0
         assert a[-1] == ("tf32=1" if seed == "7" else "tf32=0")
-        assert (work / "o" / f"r{seed}.safetensors").read_text() == seed  # each run's own weights come back
+        assert (work / "o" / f"r{seed}.safetensors").read_text() == f"{seed} step 1"  # each run's own weights
     with tarfile.open(work / "o" / "logs.tar") as tar:
         names = set(tar.getnames())
     assert {"r/pairs.log", "r/r3.log", "r/r3/metrics.jsonl", "r/pairs/meta.json"} <= names
@@ -92,6 +100,31 @@ def test_falls_back_to_plain_pairs_when_the_repair_fails(work):
     assert "--refine-student" not in p and p[p.index("--out") + 1] == "r/pairs_plain"
     d = calls[1].split()
     assert d[d.index("--pairs") + 1] == "r/pairs_plain"
+
+
+def test_resume_and_fetch_continue_the_runs_left_on_the_machine(work):
+    """The two later calls of a round (MODE=resume, MODE=fetch): no new pairs, each run continued from its own
+    config, and only the COPY runs' weights in $OUT, so one call stays under what the device tool brings back."""
+    import shutil
+
+    run(work, SEEDS="3 7", COPY="")
+    assert not list((work / "o").glob("*.safetensors"))  # COPY="": no weights in this call's $OUT
+    shutil.rmtree(work / "o")
+    (work / "calls.log").unlink()
+    calls = run(work, MODE="resume", SEEDS="3 7 8", COPY="3")
+    assert [c.split()[0] for c in calls] == ["distill", "distill"]  # no pairs; seed 8 has no run to resume
+    for seed in ("3", "7"):
+        a = next(c for c in calls if f"r/r{seed}/config.json" in c).split()
+        assert a[a.index("--config") + 1] == f"r/r{seed}/config.json" and "--resume" in a
+        assert "--pairs" not in a and "--student-init" not in a and float(a[a.index("--max-minutes") + 1]) > 0
+    assert sorted(p.name for p in (work / "o").glob("*.safetensors")) == ["r3.safetensors"]
+    assert (work / "o" / "r3.safetensors").read_text() == "3 step 2"  # continued: one step past the first call
+    shutil.rmtree(work / "o")
+    (work / "calls.log").unlink()
+    assert run(work, MODE="fetch", SEEDS="3 7", COPY="7") == []  # nothing runs
+    assert [p.name for p in (work / "o").glob("*.safetensors")] == ["r7.safetensors"]
+    assert (work / "o" / "r7.safetensors").read_text() == "7 step 2"
+    run(work, rc=2, MODE="continue")
 
 
 def test_pack_diffusers_keeps_what_we_import(tmp_path):
