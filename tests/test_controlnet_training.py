@@ -218,7 +218,7 @@ def _teacher_controlnet(teacher_folder, seed=3) -> SprintControlNet:
     return net
 
 
-def _distill(teacher_folder, data, student_base=None, **overrides) -> DistillMethod:
+def _distill(teacher_folder, data, student_base=None, student_controlnet=None, **overrides) -> DistillMethod:
     cfg = DistillConfig(**{"out": "unused", "batch": 4, "lr": 1e-3, "lr_d": 1e-3, "grad_clip": 1.0, "tangent_warmup": 0,
                            "sample_count": 2, "sample_steps": [1], "progress": False, "bf16": False,
                            "controlnet": "unused", **overrides})
@@ -229,7 +229,8 @@ def _distill(teacher_folder, data, student_base=None, **overrides) -> DistillMet
     return DistillMethod(cfg, teacher, scaling_factor=data.scaling_factor, latent_shape=data.latent_shape,
                          null=data.null_embedding(), vae=vae, teacher_dir=teacher_folder,
                          prompts=SamplePrompts(s.embeds, s.masks, s.captions, control=s.control),
-                         controlnet=_teacher_controlnet(teacher_folder), student_base=student_base)
+                         controlnet=_teacher_controlnet(teacher_folder), student_base=student_base,
+                         student_controlnet=student_controlnet)
 
 
 def test_distill_control_path_student_equals_teacher_at_step_0(teacher_folder, data):
@@ -304,6 +305,42 @@ def test_distill_control_train_step_with_frozen_student_base_and_export_to_serve
     with_c = engine.generate(Request("a red circle", steps=1, seed=1, scribble=scribble))
     without = engine.generate(Request("a red circle", steps=1, seed=1))
     assert with_c.meta["controlled"] and not without.meta["controlled"] and with_c.png != without.png
+
+
+def test_controlnet_init_continues_a_distilled_controlnet_on_a_new_base(tmp_path, teacher_folder, data):
+    """``controlnet_init``: the student's ControlNet starts as the given distilled one (the teacher keeps its own),
+    training moves a copy (the loaded module stays as it was), the export records the init, and the folder is
+    found as a ControlNet folder or inside an exported student folder's controlnet/ (a misfit is refused)."""
+    from sana_sprint.models.presets import make_student
+    from sana_sprint.training.controlnet import load_controlnet_init
+
+    teacher, _, _ = load_teacher_folder(teacher_folder, "cpu")
+    distilled = _teacher_controlnet(teacher_folder, seed=9)  # stands in for a distilled Sprint-ControlNet
+    distilled.save_pretrained(tmp_path / "scn", dtype=torch.float32, extra={"kind": "student"})
+    shutil.copytree(tmp_path / "scn", tmp_path / "export" / "controlnet")
+    before = _snap(distilled)
+    for folder in (tmp_path / "scn", tmp_path / "export"):
+        assert not _changed(before, _snap(load_controlnet_init(folder, teacher))), folder
+    other = SprintControlNet.from_base(tiny_transformer(guidance_embeds=False, seed=5, num_layers=3, attention_head_dim=4))
+    other.save_pretrained(tmp_path / "cn_other", extra={"kind": "student"})
+    with pytest.raises(ModelFolderError, match="does not fit"):
+        load_controlnet_init(tmp_path / "cn_other", teacher)
+
+    m = _distill(teacher_folder, data, student_base=make_student(teacher), student_init="unused",
+                 student_controlnet=load_controlnet_init(tmp_path / "export", teacher),
+                 controlnet_init=str(tmp_path / "export"))
+    assert not _changed(before, _snap(m.student.controlnet)) and _changed(before, _snap(m.teacher.controlnet))
+    assert _changed(_snap(_distill(teacher_folder, data).student.controlnet), before)  # without it: the teacher's copy
+    b = data.batch(range(4))
+    c = b["control"] * data.scaling_factor
+    x, s = torch.randn(4, *data.latent_shape, generator=torch.Generator().manual_seed(2)), torch.full((4,), 1.1)
+    with torch.no_grad(), m.teacher.bind(c), m.student.bind(c):
+        assert (m.student(x, s, b["embeds"], b["mask"], guidance=4.5) - m.teacher(x, s, b["embeds"], b["mask"])
+                ).abs().max() > 1e-3  # the student's control now differs from the teacher's from step 0
+    m.train_step(data.batch(range(4)), 0, Stepper(m.optimizers(), {}, 1.0, "cpu"))
+    assert _changed(before, _snap(m.student.controlnet)) and not _changed(before, _snap(distilled))
+    sprint = json.loads((m.export(tmp_path / "student") / "controlnet" / "controlnet_config.json").read_text())["sprint"]
+    assert sprint["controlnet_init"] == str(tmp_path / "export")
 
 
 def test_control_dropout_trains_base_and_controlnet_with_per_sample_control(tmp_path, teacher_folder, data):
@@ -384,6 +421,7 @@ def test_teacher_conditioning_scale_sets_the_teachers_strength_only(tmp_path, te
     ({"control_dropout": 0.3, "controlnet": None}, "only with controlnet"),
     ({"control_dropout": 0.3, "student_init": "x"}, "frozen base"),
     ({"control_dropout": 0.3, "control_train": "controlnet"}, "frozen base"),
+    ({"controlnet_init": "x", "controlnet": None}, "only with controlnet"),
 ])
 def test_control_dropout_config_errors(overrides, message):
     cfg = DistillConfig(**{"out": "unused", "controlnet": "unused", **overrides})

@@ -21,6 +21,9 @@ control cache (``data/control_cache.py``: the scribble of every cached image, VA
   distilled Sprint student folder (its transformer becomes the frozen 1-4 step base: the recipe for a
   student that already exists) and ``all`` otherwise (student base = the teacher with a zero CFG
   embedding, so student == teacher exactly at step 0, with the control).
+  ``--controlnet-init DIR`` starts the student's ControlNet from a distilled Sprint-ControlNet instead (a
+  ControlNet folder, or an exported student folder holding one in ``controlnet/``): it moves a
+  Sprint-ControlNet onto a new student base without distilling it again from the teacher's.
   ``--control-dropout P`` (with ``all``) runs a fraction P of each batch's samples without control for
   teacher, student and discriminator alike (per-sample ControlNet scale 0), so a base trained together
   with its ControlNet keeps distilling the text-only teacher: one base serves both modes, and a
@@ -50,7 +53,7 @@ from diffusers import SanaTransformer2DModel
 from ..cli import command
 from ..data.control_cache import ControlDataset, build_control_cache, default_control_dir, is_control_cache
 from ..losses.flow_matching import flow_matching_loss
-from ..models.controlnet import DEFAULT_NUM_BLOCKS, ControlledTrigFlow, SprintControlNet
+from ..models.controlnet import CONFIG_NAME, DEFAULT_NUM_BLOCKS, ControlledTrigFlow, SprintControlNet
 from ..models.presets import init_kwargs
 from ..models.wrapper import TrigFlowTransformer
 from ..sampling import cfg_batched, flow_euler, randn
@@ -317,14 +320,17 @@ def build(cfg: ControlNetConfig, device: torch.device) -> tuple[ControlNetMethod
 
 
 def attach_controlnet(teacher: TrigFlowTransformer, student: TrigFlowTransformer, controlnet: SprintControlNet,
-                      train: Literal["controlnet", "all"], teacher_scale: float = 1.0
+                      train: Literal["controlnet", "all"], teacher_scale: float = 1.0,
+                      student_controlnet: SprintControlNet | None = None,
                       ) -> tuple[ControlledTrigFlow, ControlledTrigFlow]:
     """(frozen controlled teacher, controlled student). The student's ControlNet is a trainable fp32 copy of
-    the teacher's; with ``train == "controlnet"`` the student base is frozen. The teacher runs its ControlNet
-    at ``teacher_scale``, the student at 1."""
+    the teacher's, or ``student_controlnet`` (a distilled one to continue) when given; with
+    ``train == "controlnet"`` the student base is frozen. The teacher runs its ControlNet at ``teacher_scale``,
+    the student at 1."""
     param = next(teacher.transformer.parameters())
     teacher_cn = controlnet.to(param.device, torch.float32).eval().requires_grad_(False)
-    student_cn = copy.deepcopy(teacher_cn).requires_grad_(True).train()
+    start = teacher_cn if student_controlnet is None else student_controlnet.to(param.device, torch.float32)
+    student_cn = copy.deepcopy(start).requires_grad_(True).train()
     controlled_teacher = ControlledTrigFlow(teacher, teacher_cn, conditioning_scale=teacher_scale, freeze_base=True)
     controlled_student = ControlledTrigFlow(student, student_cn, freeze_base=(train == "controlnet"))
     return controlled_teacher, controlled_student
@@ -353,13 +359,22 @@ def export_student_controlnet(method, folder: Path, dtype: torch.dtype) -> str:
     # base trained together with the ControlNet)
     frozen_init = cfg.student_init and method.control_train == "controlnet"
     extra.update(kind="student", base=str(cfg.student_init) if frozen_init else "..",
-                 teacher_controlnet=cfg.controlnet, student_init=cfg.student_init,
+                 teacher_controlnet=cfg.controlnet, student_init=cfg.student_init, controlnet_init=cfg.controlnet_init,
                  control_train=method.control_train, control_dropout=cfg.control_dropout,
                  teacher_conditioning_scale=cfg.teacher_conditioning_scale, steps=cfg.steps,
                  trained_steps=method.trained_steps, default_steps=cfg.default_steps,
                  default_guidance=cfg.sample_guidance)
     method.student.controlnet.save_pretrained(folder / CONTROLNET_SUBFOLDER, dtype=dtype, extra=extra)
     return CONTROLNET_SUBFOLDER
+
+
+def load_controlnet_init(folder: str | Path, base: SanaTransformer2DModel) -> SprintControlNet:
+    """The distilled Sprint-ControlNet that ``--controlnet-init`` names: a ControlNet folder, or an exported
+    student folder holding one in ``controlnet/``; checked against ``base`` like the teacher's."""
+    folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file() and (folder / CONTROLNET_SUBFOLDER / CONFIG_NAME).is_file():
+        folder = folder / CONTROLNET_SUBFOLDER
+    return SprintControlNet.from_pretrained(folder, base=base)
 
 
 def build_distill(cfg, device: torch.device):
@@ -370,13 +385,14 @@ def build_distill(cfg, device: torch.device):
     cn = SprintControlNet.from_pretrained(cfg.controlnet, base=teacher)
     condition = SprintControlNet.read_config(cfg.controlnet).get("sprint", {}).get("condition", "scribble")
     student_base = load_student_base(cfg.student_init, teacher) if cfg.student_init else None
+    student_cn = load_controlnet_init(cfg.controlnet_init, teacher) if cfg.controlnet_init else None
     data = prepare_control_data(cfg, cfg.teacher, sprint, vae, device, condition, cfg.control_cache)
     s = control_samples_from(data, cfg.sample_count)
     seed_everything(cfg.seed)
     method = DistillMethod(
         cfg, teacher, scaling_factor=data.scaling_factor, latent_shape=data.latent_shape, null=data.null_embedding(),
         device=device, vae=vae, prompts=SamplePrompts(s.embeds, s.masks, s.captions, control=s.control),
-        teacher_dir=cfg.teacher, controlnet=cn, student_base=student_base,
+        teacher_dir=cfg.teacher, controlnet=cn, student_base=student_base, student_controlnet=student_cn,
     )
     return method, data
 

@@ -139,6 +139,9 @@ class DistillConfig(TrainerConfig):
     # plain distillation continues from (fresh optimisers, heads and logvar; the teacher stays the target)
     student_init: str | None = None
     control_train: Literal["auto", "controlnet", "all"] = "auto"  # auto: controlnet with student_init, else all
+    # a distilled Sprint-ControlNet folder whose weights start the student's ControlNet instead of a copy of the
+    # teacher's: moves a Sprint-ControlNet onto a new student base without distilling it from the start
+    controlnet_init: str | None = None
     control_cache: str | None = None  # control-latent cache (default: <latent cache>-<condition>)
     # fraction of each batch's samples trained without control (teacher and student run as their bases):
     # with control_train "all" the base then stays a text-only student too (one base for both modes)
@@ -192,6 +195,8 @@ class DistillConfig(TrainerConfig):
             raise ConfigError("control_train / control_cache: only with controlnet (--controlnet DIR)")
         if not 0.0 <= self.control_dropout < 1.0:
             raise ConfigError(f"control_dropout: must be in [0, 1), got {self.control_dropout}")
+        if self.controlnet_init and not self.controlnet:
+            raise ConfigError("controlnet_init: only with controlnet (--controlnet DIR, the ControlNet teacher)")
         if self.control_dropout and not self.controlnet:
             raise ConfigError("control_dropout: only with controlnet (--controlnet DIR)")
         if self.teacher_conditioning_scale != 1.0 and not self.controlnet:
@@ -316,6 +321,7 @@ class DistillMethod(Method):
         teacher_dir: str | Path | None = None,
         controlnet: nn.Module | None = None,
         student_base: SanaTransformer2DModel | None = None,
+        student_controlnet: nn.Module | None = None,
     ):
         self.cfg = cfg
         self.device = torch.device(device)
@@ -352,7 +358,8 @@ class DistillMethod(Method):
 
             self.control_train = resolve_control_train(cfg.control_train, student_base is not None)
             self.teacher, self.student = attach_controlnet(self.teacher, self.student, controlnet, self.control_train,
-                                                           teacher_scale=cfg.teacher_conditioning_scale)
+                                                           teacher_scale=cfg.teacher_conditioning_scale,
+                                                           student_controlnet=student_controlnet)
         self.disc = Discriminator(self.teacher, feature_blocks(teacher.config.num_layers, cfg.disc_heads),
                                   virtual_batch=cfg.disc_group).to(self.device)
         self.null = (null[0].to(self.device, torch.float32), null[1].to(self.device))
