@@ -329,8 +329,8 @@ def attach_controlnet(teacher: TrigFlowTransformer, student: TrigFlowTransformer
     the student at 1."""
     param = next(teacher.transformer.parameters())
     teacher_cn = controlnet.to(param.device, torch.float32).eval().requires_grad_(False)
-    start = teacher_cn if student_controlnet is None else student_controlnet.to(param.device, torch.float32)
-    student_cn = copy.deepcopy(start).requires_grad_(True).train()
+    start = teacher_cn if student_controlnet is None else student_controlnet  # copied, the caller's stays put
+    student_cn = copy.deepcopy(start).to(param.device, torch.float32).requires_grad_(True).train()
     controlled_teacher = ControlledTrigFlow(teacher, teacher_cn, conditioning_scale=teacher_scale, freeze_base=True)
     controlled_student = ControlledTrigFlow(student, student_cn, freeze_base=(train == "controlnet"))
     return controlled_teacher, controlled_student
