@@ -5,6 +5,9 @@
 # `run RUN STEPS [flags...]` (STOP=N replaces STEPS; output under $ROOT/RUN, log $ROOT/RUN.log).
 # CONFIG, CACHE, PAIRS and PAIRS_SHARD may be set before sourcing (defaults: the v9 CPU recipe on the uniform
 # shapes cache with 4,096 pairs); `pairs DIR SEED` makes another 4,096 teacher pairs from CACHE (two processes).
+# For the GPU rounds (scripts/student_v16.sh, student_v17.sh): `pack_gpu_cache` sets PACKED to CACHE's first 5,000
+# rows int8-packed as the device machine gets them, and `gpu_soup SEED...` averages $ROOT/gpu/r<SEED>/export into
+# $ROOT/soup and writes its default timesteps.
 set -eu
 PY=${PY:-.venv/bin/python}
 BIN=$(dirname "$PY")
@@ -43,4 +46,18 @@ run() {  # run NAME STEPS [extra flags...]
   OMP_NUM_THREADS=1 "$BIN/sana-sprint" distill --config "$CONFIG" --student-init "$INIT" \
     --out "$ROOT/$name" --export "$ROOT/$name/export" --stop-at "$steps" --no-progress "$@" \
     > "$ROOT/$name.log" 2>&1
+}
+
+pack_gpu_cache() {  # PACKED: CACHE's first 5,000 rows, int8-packed (what scripts/gpu/repair_round.sh unpacks)
+  PACKED=$ROOT/cache_w3322_5000.npz
+  [ -f "$PACKED" ] || "$PY" scripts/pack_cache.py pack "$CACHE" "$PACKED" --rows 5000
+}
+
+gpu_soup() {  # gpu_soup SEED...: the equal-weight mean of the GPU runs' EMA exports, then its timesteps re-chosen
+  local runs=() s
+  for s in "$@"; do runs+=("$ROOT/gpu/r$s/export"); done
+  "$PY" scripts/weight_average.py "${runs[@]}" --out $ROOT/soup
+  stamp "GPU round done: wrote $ROOT/soup"
+  OMP_NUM_THREADS=1 "$PY" scripts/choose_timesteps.py --model $ROOT/soup --out $ROOT/timesteps.json --write
+  stamp "timesteps chosen (tuning seed 1) and written to $ROOT/soup/sprint_config.json"
 }

@@ -24,15 +24,9 @@ prepare v15
 V15=$INIT
 
 # GPU round: the weighted cache's first 5,000 rows, packed as the device machine got them
-PACKED=$ROOT/cache_w3322_5000.npz
-[ -f "$PACKED" ] || "$PY" scripts/pack_cache.py pack "$CACHE" "$PACKED" --rows 5000
-GPU_SECONDS=${STOP:+120}
+pack_gpu_cache
+GPU_SECONDS=${STOP:+400}  # a smoke run: STOP ends the runs, not the deadline
 PY="$PY" DEVICE="${DEVICE:-cuda}" PACKED="$PACKED" INIT="$V15" ROOT="$ROOT/gpu" OUT="$ROOT/gpu_out" \
   TOTAL="${GPU_SECONDS:-540}" MARGIN=100 NPAIRS="${NPAIRS:-65536}" SHARD="${SHARD:-4096}" SEEDS="81 82 83 84 85" \
   TF32_SEEDS="84 85" STOP="${STOP:-}" bash scripts/gpu/repair_round.sh
-g_runs=()
-for s in 81 82 83 84 85; do g_runs+=("$ROOT/gpu/r$s/export"); done
-"$PY" scripts/weight_average.py "${g_runs[@]}" --out $ROOT/soup
-stamp "GPU round done: wrote $ROOT/soup"
-OMP_NUM_THREADS=1 "$PY" scripts/choose_timesteps.py --model $ROOT/soup --out $ROOT/timesteps.json --write
-stamp "timesteps chosen (tuning seed 1) and written to $ROOT/soup/sprint_config.json"
+gpu_soup 81 82 83 84 85

@@ -25,8 +25,7 @@ prepare v16
 V16=$INIT
 
 # GPU round: the weighted cache's first 5,000 rows, packed as the device machine got them
-PACKED=$ROOT/cache_w3322_5000.npz
-[ -f "$PACKED" ] || "$PY" scripts/pack_cache.py pack "$CACHE" "$PACKED" --rows 5000
+pack_gpu_cache
 SEEDS=${SEEDS:-91 92 93 94 95 96 97 98}  # fewer for a smoke run
 round=(PY="$PY" DEVICE="${DEVICE:-cuda}" PACKED="$PACKED" INIT="$V16" ROOT="$ROOT/gpu" OUT="$ROOT/gpu_out"
        SEEDS="$SEEDS" COPY="")
@@ -36,9 +35,4 @@ env "${round[@]}" PAIRS_SEED=9 TOTAL=$T1 MARGIN=95 \
   NPAIRS="${NPAIRS:-65536}" SHARD="${SHARD:-4096}" STOP="${STOP:-}" bash scripts/gpu/repair_round.sh
 env "${round[@]}" MODE=resume TOTAL=$T2 MARGIN=45 STOP="${STOP:+$((2 * STOP))}" \
   bash scripts/gpu/repair_round.sh
-g_runs=()
-for s in $SEEDS; do g_runs+=("$ROOT/gpu/r$s/export"); done
-"$PY" scripts/weight_average.py "${g_runs[@]}" --out $ROOT/soup
-stamp "GPU round done: wrote $ROOT/soup"
-OMP_NUM_THREADS=1 "$PY" scripts/choose_timesteps.py --model $ROOT/soup --out $ROOT/timesteps.json --write
-stamp "timesteps chosen (tuning seed 1) and written to $ROOT/soup/sprint_config.json"
+gpu_soup $SEEDS
