@@ -1,0 +1,53 @@
+# Student v18: one CPU round of the repaired-pairs recipe from v17, several seeds averaged (docs/results.md
+# "Session 26"). No GPU: the GPU rounds' config (configs/shapes-distill-gpu-v16-repair.json, batch 128) on this CPU.
+#   pairs  8,192 repaired from v17's own 1-step images at TrigFlow time 1.2 (10 teacher flow-Euler steps with CFG;
+#          pairs seed 11), on the weighted cache; ~10 min on two threads
+#   runs   continuations of v17, seeds $SEEDS (default 121 131 132 141 142), 550 steps each at batch 128, one
+#          thread each, two side by side (~64 min a pair on this 2-core CPU)
+#   soup   the equal-weight mean of the runs' EMA exports (v17 not included); then the default timesteps are
+#          re-chosen by scripts/choose_timesteps.py --write --max-fd-ratio 2=1.1,4=1.1 (~6 min: the 2- and 4-step
+#          choices must keep the full-suite FD within 1.1x the teacher's at the tuning seed)
+#
+#   bash scripts/student_v18.sh      # ~3.5 h on 2 cores; STOP=N stops every run at step N (a smoke run:
+#                                    # STOP=2 NPAIRS=64 ROOT=runs/v18_smoke bash scripts/student_v18.sh)
+# Session 26 ran seed 121 on two threads (session 25's k2) and the others on one; CPU float reductions depend on the
+# thread count, so a rerun gives a close but not bit-identical student.
+set -eu
+START=40607ba
+ROOT=${ROOT:-runs/v18}
+CONFIG=configs/shapes-distill-v13-refine-cpu.json  # prepare builds the weighted 12,000-sample cache from it
+CACHE=runs/cache/shapes-w3322-12000-r64
+NO_PAIRS=1
+. "$(dirname "$0")/student_cpu_soup.sh"
+prepare v17
+V17=$INIT
+CONFIG=configs/shapes-distill-gpu-v16-repair.json  # the runs: the GPU rounds' config, on CACHE
+
+NPAIRS=${NPAIRS:-8192}
+SHARD=$(( NPAIRS < 256 ? NPAIRS / 2 : 256 ))
+HALF=$(( NPAIRS / SHARD / 2 ))
+for r in 0:$HALF $HALF:$(( 2 * HALF )); do
+  OMP_NUM_THREADS=1 "$PY" scripts/teacher_pairs.py --teacher models/shapes-teacher --cache "$CACHE" --n "$NPAIRS" \
+    --shard "$SHARD" --seed 11 --refine-student "$V17" --refine-time 1.2 --shard-range "$r" --out $ROOT/pairs \
+    > /dev/null 2>&1 &
+done
+wait
+stamp "pairs repaired from v17's images ready"
+
+set -- ${SEEDS:-121 131 132 141 142}
+exports=()
+while [ $# -gt 0 ]; do
+  pids=()
+  for s in "$1" ${2:-}; do
+    run k$s 550 --seed "$s" --pairs $ROOT/pairs --cache "$CACHE" --cache-samples 12000 --device cpu --threads 1 & pids+=($!)
+    exports+=("$ROOT/k$s/export")
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+  stamp "runs ${exports[*]} done"
+  shift; [ $# -eq 0 ] || shift
+done
+"$PY" scripts/weight_average.py "${exports[@]}" --out $ROOT/soup
+stamp "wrote $ROOT/soup"
+OMP_NUM_THREADS=1 "$PY" scripts/choose_timesteps.py --model $ROOT/soup --out $ROOT/timesteps.json --write \
+  --max-fd-ratio 2=1.1,4=1.1
+stamp "timesteps chosen (tuning seed 1) and written to $ROOT/soup/sprint_config.json"
