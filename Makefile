@@ -47,12 +47,12 @@ teacher: $(STAMP)
 	$(BIN)/python scripts/pack_cache.py unpack runs/twinmix16k.npz runs/cache/twinmix-16000-r64-int8
 	$(BIN)/sana-sprint train-teacher --config configs/shapes-teacher-v6.json
 
-# Student v9, the first stage of the shipped v17 (scripts/gpu/student_v10.sh continues v9 on a GPU into v10,
+# Student v9, the first stage of the shipped v18 (scripts/gpu/student_v10.sh continues v9 on a GPU into v10,
 # scripts/student_v11.sh averages four CPU continuations of v10 into v11, scripts/student_v12.sh two of v11 into
 # v12, scripts/student_v13.sh two rounds of two on a task-weighted mix into v13, scripts/student_v14.sh two
 # rounds with self-refinement into v14, scripts/student_v15.sh two rounds on teacher-repaired pairs into v15,
 # scripts/student_v16.sh five such runs on a GPU, averaged, into v16, scripts/student_v17.sh eight more from v16
-# into v17):
+# into v17, scripts/student_v18.sh five from v17 on this CPU into v18):
 # student v8
 # (distilled from teacher v5; restored from git history) plus the teacher's fine-tune v6 - v5 (weight
 # arithmetic), then 2,000 steps towards teacher v6 on this CPU (~100 min on one core
