@@ -5,6 +5,8 @@
 # `run RUN STEPS [flags...]` (STOP=N replaces STEPS; output under $ROOT/RUN, log $ROOT/RUN.log).
 # CONFIG, CACHE, PAIRS and PAIRS_SHARD may be set before sourcing (defaults: the v9 CPU recipe on the uniform
 # shapes cache with 4,096 pairs); `pairs DIR SEED` makes another 4,096 teacher pairs from CACHE (two processes).
+# `repaired DIR T STUDENT SEED` makes 8,192 pairs whose targets are the teacher's repair of STUDENT's own 1-step
+# images from TrigFlow time T (scripts/student_v15.sh, student_v18.sh).
 # For the GPU rounds (scripts/student_v16.sh, student_v17.sh): `pack_gpu_cache` sets PACKED to CACHE's first 5,000
 # rows int8-packed as the device machine gets them, and `gpu_soup SEED...` averages $ROOT/gpu/r<SEED>/export into
 # $ROOT/soup and writes its default timesteps.
@@ -46,6 +48,16 @@ run() {  # run NAME STEPS [extra flags...]
   OMP_NUM_THREADS=1 "$BIN/sana-sprint" distill --config "$CONFIG" --student-init "$INIT" \
     --out "$ROOT/$name" --export "$ROOT/$name/export" --stop-at "$steps" --no-progress "$@" \
     > "$ROOT/$name.log" 2>&1
+}
+
+repaired() {  # repaired DIR T STUDENT SEED: 8,192 targets repaired from time T, two shard ranges side by side
+  local r ranges="0:16 16:32"
+  [ -z "${STOP:-}" ] || ranges="0:1 16:17"  # a smoke run: one shard per process
+  for r in $ranges; do
+    OMP_NUM_THREADS=1 "$PY" scripts/teacher_pairs.py --teacher models/shapes-teacher --cache "$CACHE" --n 8192 \
+      --shard 256 --seed "$4" --refine-student "$3" --refine-time "$2" --shard-range "$r" --out "$1" > /dev/null 2>&1 &
+  done
+  wait
 }
 
 pack_gpu_cache() {  # PACKED: CACHE's first 5,000 rows, int8-packed (what scripts/gpu/repair_round.sh unpacks)

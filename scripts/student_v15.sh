@@ -21,15 +21,6 @@ NO_PAIRS=1
 prepare v14
 V14=$INIT
 
-repaired() {  # repaired DIR T STUDENT SEED: 8,192 targets repaired from time T, two shard ranges side by side
-  local r ranges="0:16 16:32"
-  [ -z "${STOP:-}" ] || ranges="0:1 16:17"  # a smoke run: one shard per process
-  for r in $ranges; do
-    OMP_NUM_THREADS=1 "$PY" scripts/teacher_pairs.py --teacher models/shapes-teacher --cache "$CACHE" --n 8192 \
-      --shard 256 --seed "$4" --refine-student "$3" --refine-time "$2" --shard-range "$r" --out "$1" > /dev/null 2>&1 &
-  done
-  wait
-}
 repaired $ROOT/pairs_t10 1.0 "$V14" 5
 repaired $ROOT/pairs_t12 1.2 "$V14" 5
 stamp "repaired pairs ready"

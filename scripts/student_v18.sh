@@ -8,8 +8,8 @@
 #          re-chosen by scripts/choose_timesteps.py --write --max-fd-ratio 2=1.1,4=1.1 (~6 min: the 2- and 4-step
 #          choices must keep the full-suite FD within 1.1x the teacher's at the tuning seed)
 #
-#   bash scripts/student_v18.sh      # ~3.5 h on 2 cores; STOP=N stops every run at step N (a smoke run:
-#                                    # STOP=2 NPAIRS=64 ROOT=runs/v18_smoke bash scripts/student_v18.sh)
+#   bash scripts/student_v18.sh      # ~3.5 h on 2 cores; STOP=N stops every run at step N and makes one shard of
+#                                    # pairs per process (a smoke run: STOP=2 SEEDS="1 2 3" ROOT=runs/v18_smoke)
 # Session 26 ran seed 121 on two threads (session 25's k2) and the others on one; CPU float reductions depend on the
 # thread count, so a rerun gives a close but not bit-identical student.
 set -eu
@@ -23,15 +23,7 @@ prepare v17
 V17=$INIT
 CONFIG=configs/shapes-distill-gpu-v16-repair.json  # the runs: the GPU rounds' config, on CACHE
 
-NPAIRS=${NPAIRS:-8192}
-SHARD=$(( NPAIRS < 256 ? NPAIRS / 2 : 256 ))
-HALF=$(( NPAIRS / SHARD / 2 ))
-for r in 0:$HALF $HALF:$(( 2 * HALF )); do
-  OMP_NUM_THREADS=1 "$PY" scripts/teacher_pairs.py --teacher models/shapes-teacher --cache "$CACHE" --n "$NPAIRS" \
-    --shard "$SHARD" --seed 11 --refine-student "$V17" --refine-time 1.2 --shard-range "$r" --out $ROOT/pairs \
-    > /dev/null 2>&1 &
-done
-wait
+repaired $ROOT/pairs 1.2 "$V17" 11
 stamp "pairs repaired from v17's images ready"
 
 set -- ${SEEDS:-121 131 132 141 142}
