@@ -6,7 +6,8 @@
 # CONFIG, CACHE, PAIRS and PAIRS_SHARD may be set before sourcing (defaults: the v9 CPU recipe on the uniform
 # shapes cache with 4,096 pairs); `pairs DIR SEED` makes another 4,096 teacher pairs from CACHE (two processes).
 # `repaired DIR T STUDENT SEED` makes 8,192 pairs whose targets are the teacher's repair of STUDENT's own 1-step
-# images from TrigFlow time T (scripts/student_v15.sh, student_v18.sh).
+# images from TrigFlow time T (scripts/student_v15.sh, student_v18.sh), and `cpu_round NAME PAIRS_SEED SEED...` runs
+# one whole CPU round of that recipe from the student at commit START (student_v18.sh, student_v19.sh).
 # For the GPU rounds (scripts/student_v16.sh, student_v17.sh): `pack_gpu_cache` sets PACKED to CACHE's first 5,000
 # rows int8-packed as the device machine gets them, and `gpu_soup SEED...` averages $ROOT/gpu/r<SEED>/export into
 # $ROOT/soup and writes its default timesteps.
@@ -71,5 +72,36 @@ gpu_soup() {  # gpu_soup SEED...: the equal-weight mean of the GPU runs' EMA exp
   "$PY" scripts/weight_average.py "${runs[@]}" --out $ROOT/soup
   stamp "GPU round done: wrote $ROOT/soup"
   OMP_NUM_THREADS=1 "$PY" scripts/choose_timesteps.py --model $ROOT/soup --out $ROOT/timesteps.json --write
+  stamp "timesteps chosen (tuning seed 1) and written to $ROOT/soup/sprint_config.json"
+}
+
+cpu_round() {  # cpu_round NAME PAIRS_SEED SEED...: one CPU round of the repaired-pairs recipe from commit START's student
+  # (restored as runs/student_NAME): 8,192 pairs repaired from its 1-step images at t 1.2, one run per SEED from it
+  # (the GPU rounds' config, 550 steps at batch 128, one thread each, two side by side), the equal-weight mean of the
+  # runs' EMA exports in $ROOT/soup (the start not included), then its timesteps re-chosen with the 2- and 4-step FD
+  # capped at 1.1x the teacher's
+  CONFIG=configs/shapes-distill-v13-refine-cpu.json  # prepare builds the weighted 12,000-sample cache from it
+  CACHE=runs/cache/shapes-w3322-12000-r64
+  NO_PAIRS=1
+  prepare "$1"
+  local pseed=$2 exports=() pids s
+  shift 2
+  CONFIG=configs/shapes-distill-gpu-v16-repair.json  # the runs: the GPU rounds' config, on CACHE
+  repaired $ROOT/pairs 1.2 "$INIT" "$pseed"
+  stamp "pairs repaired from $INIT's images ready"
+  while [ $# -gt 0 ]; do
+    pids=()
+    for s in "$1" ${2:-}; do
+      run k$s 550 --seed "$s" --pairs $ROOT/pairs --cache "$CACHE" --cache-samples 12000 --device cpu --threads 1 & pids+=($!)
+      exports+=("$ROOT/k$s/export")
+    done
+    for s in "${pids[@]}"; do wait "$s"; done
+    stamp "runs ${exports[*]} done"
+    shift; [ $# -eq 0 ] || shift
+  done
+  "$PY" scripts/weight_average.py "${exports[@]}" --out $ROOT/soup
+  stamp "wrote $ROOT/soup"
+  OMP_NUM_THREADS=1 "$PY" scripts/choose_timesteps.py --model $ROOT/soup --out $ROOT/timesteps.json --write \
+    --max-fd-ratio 2=1.1,4=1.1
   stamp "timesteps chosen (tuning seed 1) and written to $ROOT/soup/sprint_config.json"
 }

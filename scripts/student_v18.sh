@@ -15,31 +15,6 @@
 set -eu
 START=40607ba
 ROOT=${ROOT:-runs/v18}
-CONFIG=configs/shapes-distill-v13-refine-cpu.json  # prepare builds the weighted 12,000-sample cache from it
-CACHE=runs/cache/shapes-w3322-12000-r64
-NO_PAIRS=1
 . "$(dirname "$0")/student_cpu_soup.sh"
-prepare v17
-V17=$INIT
-CONFIG=configs/shapes-distill-gpu-v16-repair.json  # the runs: the GPU rounds' config, on CACHE
-
-repaired $ROOT/pairs 1.2 "$V17" 11
-stamp "pairs repaired from v17's images ready"
-
-set -- ${SEEDS:-121 131 132 141 142}
-exports=()
-while [ $# -gt 0 ]; do
-  pids=()
-  for s in "$1" ${2:-}; do
-    run k$s 550 --seed "$s" --pairs $ROOT/pairs --cache "$CACHE" --cache-samples 12000 --device cpu --threads 1 & pids+=($!)
-    exports+=("$ROOT/k$s/export")
-  done
-  for p in "${pids[@]}"; do wait "$p"; done
-  stamp "runs ${exports[*]} done"
-  shift; [ $# -eq 0 ] || shift
-done
-"$PY" scripts/weight_average.py "${exports[@]}" --out $ROOT/soup
-stamp "wrote $ROOT/soup"
-OMP_NUM_THREADS=1 "$PY" scripts/choose_timesteps.py --model $ROOT/soup --out $ROOT/timesteps.json --write \
-  --max-fd-ratio 2=1.1,4=1.1
-stamp "timesteps chosen (tuning seed 1) and written to $ROOT/soup/sprint_config.json"
+# shellcheck disable=SC2086  # SEEDS is a list
+cpu_round v17 11 ${SEEDS:-121 131 132 141 142}
