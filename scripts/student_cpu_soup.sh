@@ -7,7 +7,7 @@
 # shapes cache with 4,096 pairs); `pairs DIR SEED` makes another 4,096 teacher pairs from CACHE (two processes).
 # `repaired DIR T STUDENT SEED` makes 8,192 pairs whose targets are the teacher's repair of STUDENT's own 1-step
 # images from TrigFlow time T (scripts/student_v15.sh, student_v18.sh), and `cpu_round NAME PAIRS_SEED SEED...` runs
-# one whole CPU round of that recipe from the student at commit START (student_v18.sh, student_v19.sh).
+# one whole CPU round of that recipe from the student at commit START (student_v18.sh).
 # For the GPU rounds (scripts/student_v16.sh, student_v17.sh): `pack_gpu_cache` sets PACKED to CACHE's first 5,000
 # rows int8-packed as the device machine gets them, and `gpu_soup SEED...` averages $ROOT/gpu/r<SEED>/export into
 # $ROOT/soup and writes its default timesteps.
@@ -84,7 +84,7 @@ cpu_round() {  # cpu_round NAME PAIRS_SEED SEED...: one CPU round of the repaire
   CACHE=runs/cache/shapes-w3322-12000-r64
   NO_PAIRS=1
   prepare "$1"
-  local pseed=$2 exports=() pids s
+  local pseed=$2 exports=() pids p s
   shift 2
   CONFIG=configs/shapes-distill-gpu-v16-repair.json  # the runs: the GPU rounds' config, on CACHE
   repaired $ROOT/pairs 1.2 "$INIT" "$pseed"
@@ -95,7 +95,7 @@ cpu_round() {  # cpu_round NAME PAIRS_SEED SEED...: one CPU round of the repaire
       run k$s 550 --seed "$s" --pairs $ROOT/pairs --cache "$CACHE" --cache-samples 12000 --device cpu --threads 1 & pids+=($!)
       exports+=("$ROOT/k$s/export")
     done
-    for s in "${pids[@]}"; do wait "$s"; done
+    for p in "${pids[@]}"; do wait "$p"; done
     stamp "runs ${exports[*]} done"
     shift; [ $# -eq 0 ] || shift
   done
