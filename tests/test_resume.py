@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -272,3 +273,35 @@ def test_plain_distill_continues_from_a_student_folder(tmp_path, distill_setup):
 
     with pytest.raises(ModelFolderError, match="expected a distilled 'student'"):
         build(DistillConfig(out=str(tmp_path / "c"), student_init=str(teacher), **base), torch.device("cpu"))
+
+
+def test_distill_continues_from_a_grown_student_and_refuses_a_shallower_one(tmp_path, distill_setup):
+    """A student with more blocks than the teacher (scripts/grow_student.py) starts from its own weights and
+    exports its own depth; one with fewer blocks than the teacher is refused."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import grow_student
+
+    from sana_sprint.errors import ModelFolderError
+    from sana_sprint.training.distill import DistillConfig, build, load_student_base
+
+    teacher, cache = distill_setup
+    base = dict(teacher=str(teacher), data=str(cache), batch=4, progress=False, threads=1, sample_count=2)
+    method, _ = build(DistillConfig(out=str(tmp_path / "a"), **base), torch.device("cpu"))
+    folder = method.export(tmp_path / "student")
+    assert grow_student.main([str(folder), "--add", "1", "--out", str(tmp_path / "grown")]) == 0
+    grown = load_file(str(tmp_path / "grown" / grow_student.WEIGHTS))
+
+    cont, _ = build(DistillConfig(out=str(tmp_path / "b"), student_init=str(tmp_path / "grown"), **base),
+                    torch.device("cpu"))
+    layers = cont.teacher.transformer.config.num_layers
+    assert len(cont.student.transformer.transformer_blocks) == layers + 1
+    got = cont.student.transformer.state_dict()
+    assert set(got) == set(grown)
+    for k, v in grown.items():
+        torch.testing.assert_close(got[k], v.float(), rtol=0, atol=0)
+    out = cont.export(tmp_path / "continued")
+    assert json.loads((out / "transformer" / "config.json").read_text())["num_layers"] == layers + 1
+
+    deeper_teacher = SimpleNamespace(config={**dict(cont.teacher.transformer.config), "num_layers": layers + 2})
+    with pytest.raises(ModelFolderError, match="num_layers"):
+        load_student_base(tmp_path / "grown", deeper_teacher)

@@ -755,7 +755,9 @@ class DistillMethod(Method):
 
 
 def load_student_base(folder: str | Path, teacher: SanaTransformer2DModel) -> SanaTransformer2DModel:
-    """The transformer of a distilled student folder (kind "student"), checked against the teacher's architecture."""
+    """The transformer of a distilled student folder (kind "student"), checked against the teacher's architecture.
+
+    The student may hold more blocks than the teacher (a student grown by scripts/grow_student.py), never fewer."""
     folder = Path(folder)
     cfg_path = folder / "sprint_config.json"
     if not cfg_path.is_file() or not (folder / "transformer").is_dir():
@@ -764,8 +766,10 @@ def load_student_base(folder: str | Path, teacher: SanaTransformer2DModel) -> Sa
     if kind != "student":
         raise ModelFolderError(f"--student-init {folder}: kind is {kind!r}, expected a distilled 'student'")
     student = SanaTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32)
-    keys = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels", "caption_channels")
+    keys = ("num_attention_heads", "attention_head_dim", "patch_size", "in_channels", "caption_channels")
     bad = [k for k in keys if student.config[k] != teacher.config[k]]
+    if student.config["num_layers"] < teacher.config["num_layers"]:  # deeper is allowed: scripts/grow_student.py
+        bad.append("num_layers")
     if bad or not student.config.guidance_embeds:
         raise ModelFolderError(f"--student-init {folder}: transformer does not match the teacher ({bad or 'no guidance embeds'})")
     return student
