@@ -109,6 +109,32 @@ def test_freeze_keeps_the_named_parameters_fixed(teacher_folder, text_encoder):
             DistillConfig(out="unused", freeze=bad).validate()
 
 
+def test_lr_scale_multiplies_the_first_update_of_the_named_parameters(teacher_folder, text_encoder):
+    """Adam's update is linear in the learning rate, so with equal gradients at the first step a prefix at 5x moves
+    exactly 5x as far as in a run without lr_scale, and every other parameter moves the same."""
+    prefix, scale = "transformer_blocks.1.attn1.to_out", 5.0
+
+    def moved(**kw):
+        method = _method(teacher_folder, text_encoder, loss="both", **kw)
+        named = dict(method.student.transformer.named_parameters())
+        before = {k: v.detach().clone().double() for k, v in named.items()}
+        x0, e, m = method.prepare_batch(train_batch(text_encoder))
+        stepper = Stepper(method.optimizers(), {}, method.cfg.grad_clip, "cpu")
+        assert method.generator_step(x0, e, m, 0, stepper)["skipped_g"] == 0
+        return {k: named[k].detach().double() - before[k] for k in named}
+
+    ref, got = moved(), moved(lr_scale={prefix: scale})
+    hit = [k for k in ref if k.startswith(prefix)]
+    assert hit and all(ref[k].abs().max() > 0 for k in hit)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k] * (scale if k in hit else 1.0), rtol=1e-5, atol=1e-9)
+    with pytest.raises(ConfigError, match="matches no trained student parameter"):
+        _method(teacher_folder, text_encoder, lr_scale={"transformer_blocks.99.": 2.0})
+    for bad in ({"": 2.0}, {"x": 0}, {"x": True}, ["x"]):
+        with pytest.raises(ConfigError, match="lr_scale"):
+            DistillConfig(out="unused", lr_scale=bad).validate()
+
+
 def _batches(te):
     b = train_batch(te)
     while True:

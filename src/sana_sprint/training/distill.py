@@ -181,6 +181,10 @@ class DistillConfig(TrainerConfig):
     # prefixes, e.g. ["time_embed.timestep_embedder"] (a continuation that re-codes the 1-step time's embedding can
     # leave the basin a weight average needs, docs/results.md "Session 19"); each prefix must match a parameter
     freeze: list[str] = dataclasses.field(default_factory=list)
+    # generator learning-rate multipliers by parameter-name prefix (SanaTransformer2DModel's names), e.g.
+    # {"transformer_blocks.6.": 10} for blocks appended by scripts/grow_student.py, whose zero-initialised outputs
+    # Adam moves by about lr per element and step; each prefix must match a trained parameter, the first match wins
+    lr_scale: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         super().validate()
@@ -226,6 +230,12 @@ class DistillConfig(TrainerConfig):
             raise ConfigError("refine_weight: the self-refinement term is not supported with controlnet (--controlnet)")
         if not isinstance(self.freeze, list) or not all(isinstance(x, str) and x for x in self.freeze):
             raise ConfigError(f"freeze: a list of parameter-name prefixes (non-empty strings), got {self.freeze!r}")
+        if not isinstance(self.lr_scale, dict) or not all(
+                isinstance(k, str) and k and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                for k, v in self.lr_scale.items()):
+            raise ConfigError(f"lr_scale: a JSON object of parameter-name prefix -> multiplier > 0, got {self.lr_scale!r}")
+        if self.lr_scale and self.controlnet:
+            raise ConfigError("lr_scale: not supported with controlnet (--controlnet)")
         if self.freeze and self.controlnet:
             raise ConfigError("freeze: not supported with controlnet (--controlnet); control_train picks what trains")
         if bool(self.pairs) != (self.regress_weight > 0 or self.regress_features > 0):
@@ -284,7 +294,28 @@ def check_process_batch(batch: int, world_size: int, group: int) -> None:
                           f"must be a multiple of disc_group {group}")
 
 
-def _make_optimizer(cfg: DistillConfig, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def _scaled_groups(cfg: DistillConfig, transformer: nn.Module, params: list[nn.Parameter]) -> list:
+    """``params`` as optimizer groups: one at cfg.lr, one per ``lr_scale`` prefix at cfg.lr * its multiplier."""
+    if not cfg.lr_scale:
+        return params
+    trained = {id(p) for p in params}
+    picked: dict[str, list[nn.Parameter]] = {prefix: [] for prefix in cfg.lr_scale}
+    taken = set()
+    for name, p in transformer.named_parameters():
+        prefix = next((k for k in cfg.lr_scale if name.startswith(k)), None)
+        if prefix is not None and id(p) in trained:
+            picked[prefix].append(p)
+            taken.add(id(p))
+    empty = [k for k, v in picked.items() if not v]
+    if empty:
+        raise ConfigError(f"lr_scale: {empty[0]!r} matches no trained student parameter (names as in "
+                          "SanaTransformer2DModel.named_parameters(), e.g. 'transformer_blocks.6.')")
+    groups = [{"params": [p for p in params if id(p) not in taken]}]
+    groups += [{"params": v, "lr": cfg.lr * float(cfg.lr_scale[k])} for k, v in picked.items()]
+    return groups
+
+
+def _make_optimizer(cfg: DistillConfig, params: list, lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "came":
         try:
             from came_pytorch import CAME  # optional: pip install came-pytorch
@@ -365,7 +396,7 @@ class DistillMethod(Method):
         self.null = (null[0].to(self.device, torch.float32), null[1].to(self.device))
 
         g_params = [p for p in self.student.parameters() if p.requires_grad]
-        self.opt_g = _make_optimizer(cfg, g_params, cfg.lr)
+        self.opt_g = _make_optimizer(cfg, _scaled_groups(cfg, student, g_params), cfg.lr)
         self.opt_d = _make_optimizer(cfg, list(self.disc.parameters()), cfg.lr_d)
         self._scheds = {}
         if cfg.lr_warmup:
