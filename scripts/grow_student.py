@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import load_file, save_file
 
     config = json.loads((src / CONFIG).read_text())
-    layers = int(config["num_layers"])
     try:
+        layers = int(config.get("num_layers", 0))
         state = grow(load_file(str(src / WEIGHTS)), layers, args.add)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

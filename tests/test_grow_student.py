@@ -91,6 +91,8 @@ def test_cli_writes_a_loadable_folder_and_refuses_foreign_outputs(tmp_path, caps
     assert grow_student.main([str(src), "--out", str(foreign)]) == 2
     assert grow_student.main([str(src), "--out", str(src)]) == 2
     assert grow_student.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    (src / grow_student.CONFIG).write_text(json.dumps({"_class_name": "SanaTransformer2DModel"}))  # no num_layers
+    assert grow_student.main([str(src), "--out", str(tmp_path / "z")]) == 2
     save_file({"a": torch.zeros(1)}, str(src / grow_student.WEIGHTS))  # weights that are not a Sana transformer
     assert grow_student.main([str(src), "--out", str(tmp_path / "y")]) == 2
     assert not (tmp_path / "y").exists()
