@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
-WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+from weight_average import WEIGHTS, out_error, write_copy
+
 CONFIG = "transformer/config.json"
 # the residual outputs of a SanaTransformerBlock: zeroing them makes the block the identity map
 ZEROED = ("attn1.to_out.0.weight", "attn1.to_out.0.bias", "attn2.to_out.0.weight", "attn2.to_out.0.bias",
@@ -58,13 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (src / WEIGHTS).is_file() or not (src / CONFIG).is_file():
         print(f"error: {src} has no {WEIGHTS} / {CONFIG}", file=sys.stderr)
         return 2
-    if out.resolve() == src.resolve():
-        print("error: --out must differ from the source folder (it would be overwritten)", file=sys.stderr)
+    error = out_error(out, {"the source folder": src}, "grow_student.json")
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    if out.exists() and not (out / "grow_student.json").is_file():
-        print(f"error: --out {out} exists and is not an earlier output of this script; not overwriting it", file=sys.stderr)
-        return 2
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     config = json.loads((src / CONFIG).read_text())
     try:
@@ -73,15 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(src, out)
-    config["num_layers"] = layers + args.add
-    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS))
     meta = {"source": str(src), "num_layers": [layers, layers + args.add], "copied_from_block": layers - 1,
             "zeroed": list(ZEROED)}
-    (out / "grow_student.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_copy(src, out, state, "grow_student.json", meta)
+    config["num_layers"] = layers + args.add
+    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     size = (out / WEIGHTS).stat().st_size
     print(f"{src} ({layers} blocks) -> {out} ({layers + args.add} blocks, {size / 1e6:.2f} MB)")
     return 0

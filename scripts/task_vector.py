@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
-WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+from weight_average import WEIGHTS, out_error, write_copy
 
 
 def apply_task_vector(student: dict, old: dict, new: dict, alpha: float) -> tuple[dict, dict]:
@@ -69,16 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --{name}: no {WEIGHTS} under {getattr(args, name)}", file=sys.stderr)
             return 2
     out = Path(args.out)
-    for name in ("student", "old", "new"):
-        if out.resolve() == Path(getattr(args, name)).resolve():
-            print(f"error: --out must differ from --{name} (that folder would be overwritten)", file=sys.stderr)
-            return 2
-    if out.exists() and not (out / "task_vector.json").is_file():
-        print(f"error: --out {out} exists and is not an earlier output of this script; not overwriting it",
-              file=sys.stderr)
+    error = out_error(out, {f"--{name}": getattr(args, name) for name in ("student", "old", "new")}, "task_vector.json")
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     try:
         weights, stats = apply_task_vector(load_file(Path(args.student) / WEIGHTS), load_file(Path(args.old) / WEIGHTS),
@@ -86,12 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(args.student, out)
-    save_file(weights, str(out / WEIGHTS))
     stats.update(student=args.student, old=args.old, new=args.new)
-    (out / "task_vector.json").write_text(json.dumps(stats, indent=1))
+    write_copy(args.student, out, weights, "task_vector.json", stats)
     print(json.dumps({k: v for k, v in stats.items() if k != "student_only"}))
     return 0
 

@@ -39,6 +39,29 @@ def average(states: list[dict], weights: list[float] | None = None) -> dict:
     return {k: (sum(wi * s[k].double() for wi, s in zip(w, states)) / total).to(states[0][k].dtype) for k in states[0]}
 
 
+def out_error(out: Path, inputs: dict[str, str | Path], marker: str) -> str | None:
+    """Why ``out`` may not receive a weight-edited copy, or None: it is one of ``inputs`` (values; the keys name
+    them in the message), or it exists without a ``marker`` file, so it is not an earlier output of the script."""
+    for label, folder in inputs.items():
+        if out.resolve() == Path(folder).resolve():
+            return f"--out must differ from {label} (that folder would be overwritten)"
+    if out.exists() and not (out / marker).is_file():
+        return f"--out {out} exists and is not an earlier output of this script; not overwriting it"
+    return None
+
+
+def write_copy(src: str | Path, out: Path, weights: dict, marker: str, info: dict) -> None:
+    """``out`` (an earlier one replaced) = a copy of the student folder ``src`` with its transformer weights
+    replaced by ``weights`` and ``info`` written to ``out / marker``."""
+    from safetensors.torch import save_file
+
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(src, out)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / WEIGHTS), metadata={"format": "pt"})
+    (out / marker).write_text(json.dumps(info, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folders", nargs="+", help="student folders (the first one is copied for everything else)")
@@ -50,30 +73,24 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(f) / WEIGHTS).is_file():
             print(f"error: no {WEIGHTS} under {f}", file=sys.stderr)
             return 2
-        if out.resolve() == Path(f).resolve():
-            print(f"error: --out must differ from the input {f} (it would be overwritten)", file=sys.stderr)
-            return 2
-    if out.exists() and not (out / "weight_average.json").is_file():
-        print(f"error: --out {out} exists and is not an earlier output of this script; not overwriting it", file=sys.stderr)
+    error = out_error(out, {f"the input {f}": f for f in args.folders}, "weight_average.json")
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     try:
         weights = None if args.weights is None else [float(x) for x in args.weights.split(",")]
     except ValueError:
         print(f"error: --weights must be numbers separated by commas, got {args.weights!r}", file=sys.stderr)
         return 2
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     try:
         avg = average([load_file(Path(f) / WEIGHTS) for f in args.folders], weights)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(args.folders[0], out)
-    save_file(avg, str(out / WEIGHTS), metadata={"format": "pt"})
     info = {"folders": args.folders, "weights": weights or [1.0] * len(args.folders)}
-    (out / "weight_average.json").write_text(json.dumps(info, indent=1) + "\n")
+    write_copy(args.folders[0], out, avg, "weight_average.json", info)
     print(f"wrote {out} (mean of {len(args.folders)} folders)")
     return 0
 
